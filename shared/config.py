@@ -1,0 +1,68 @@
+"""The one place settings are read: environment variables prefixed ``TUNESERVE_``."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    # Lets several deployments (or test runs) share one Redis without stealing each other's tasks.
+    broker_key_prefix: str = ""
+    api_keys: str = ""
+    max_upload_mb: int = Field(2048, gt=0)
+    max_image_mb: int = Field(20, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    weights_dir: Path | None = None
+    cache_size: int = Field(256, ge=32, le=1024)
+    min_images_per_class: int = Field(5, ge=1)
+    max_archive_entries: int = Field(200_000, gt=0)
+    max_archive_mb: int = Field(20_480, gt=0)
+    max_image_pixels: int = Field(64_000_000, gt=0)
+    min_image_side: int = Field(16, ge=1)
+    predict_max_batch: int = Field(32, ge=1)
+    predict_max_wait_ms: float = Field(5.0, ge=0)
+    job_max_attempts: int = Field(3, ge=1)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    lease_timeout_seconds: float = Field(60.0, gt=0)
+    # Redis redelivers unacked tasks after this long, whether or not the worker is alive; the DB
+    # lease (heartbeat) is what stops a second worker from running a job that is still training.
+    visibility_timeout_seconds: int = Field(12 * 3600, gt=0)
+    cors_origins: str = ""
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tuneserve.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def weights_path(self) -> Path:
+        return (self.weights_dir or self.data_dir / "weights").expanduser().resolve()
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,83 @@
+"""Fine-tuning hyperparameters: one validated schema that the API checks and the worker trusts."""
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FreezePolicy = Annotated[str, Field(pattern=r"^(none|backbone|stages:[0-4])$")]
+
+
+class Hyperparameters(BaseModel):
+    """Defaults are tuned for accuracy within the epochs and image size the user picks.
+
+    The classic recipe is one request away: ``{"optimizer": "adam", "learning_rate": 1e-4,
+    "batch_size": 32, "epochs": 10, "lr_schedule": "constant", "augment": "none",
+    "backbone_lr_factor": 1.0, "weight_decay": 0, "label_smoothing": 0}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: Literal["resnet50", "resnet18", "resnet34", "resnet101"] = "resnet50"
+    weights: str = Field("imagenet", max_length=255)
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    backbone_lr_factor: float = Field(0.1, ge=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.05, ge=0, le=1)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0, le=100)
+    image_size: int = Field(224, ge=32, le=640)
+    freeze: FreezePolicy = "none"
+    head: Literal["mlp", "linear"] = "mlp"
+    dropout: float = Field(0.2, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment: Literal["none", "basic", "strong"] = "basic"
+    mixup: float = Field(0.0, ge=0, le=10)
+    cutmix: float = Field(0.0, ge=0, le=10)
+    mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"
+    early_stopping_patience: int | None = Field(None, ge=1, le=1000)
+    class_weighting: Literal["none", "balanced"] = "none"
+    val_fraction: float = Field(0.15, ge=0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0, lt=0.5)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    max_minutes: float | None = Field(None, gt=0, le=60 * 24 * 14)
+    gpus: int | Literal["all"] = 1
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_name(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        # A file name inside WEIGHTS_DIR: no separators that could climb out of it.
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+\.(safetensors|pth|pt)", value) or value.startswith("."):
+            raise ValueError(
+                "must be 'imagenet', 'none', or the file name of a .safetensors/.pth state dict in "
+                "WEIGHTS_DIR (no directories)"
+            )
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be between 1 and 64, or 'all'")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "Hyperparameters":
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        return self
+
+    @property
+    def freeze_stages(self) -> int:
+        """How many leading backbone stages are frozen: stem = stage 0, layer1..layer4 = 1..4."""
+        if self.freeze == "none":
+            return -1
+        if self.freeze == "backbone":
+            return 4
+        return int(self.freeze.split(":")[1])

@@ -1,0 +1,55 @@
+"""Job states and the only way they change: one guarded UPDATE per transition."""
+
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from shared.orm import Job, utcnow
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),
+    JobStatus.running: frozenset(
+        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued}
+    ),
+    JobStatus.cancelling: frozenset({JobStatus.cancelled, JobStatus.failed}),
+    JobStatus.succeeded: frozenset(),
+    JobStatus.failed: frozenset(),
+    JobStatus.cancelled: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def transition(
+    *, session: Session, job_id: str, expected: JobStatus, to: JobStatus, **fields: Any
+) -> bool:
+    """Move a job from ``expected`` to ``to``.
+
+    True if this caller made the change; False if the job was not in ``expected`` (someone else
+    moved it first), in which case nothing changes.
+    """
+    if to not in ALLOWED[expected]:
+        raise IllegalTransition(f"a job cannot go from {expected} to {to}")
+    values: dict[str, Any] = {"status": to.value, "updated_at": utcnow(), **fields}
+    if to in FINAL:
+        values.setdefault("finished_at", utcnow())
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == expected.value).values(**values)
+    )
+    return result.rowcount == 1

@@ -1,0 +1,55 @@
+"""Preprocessing shared by evaluation in training and by the predictor, driven by model.json."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_size_for(image_size: int) -> int:
+    """Shorter side before the centre crop, keeping torchvision's 224 -> 256 ratio."""
+    return int(round(image_size * 256 / 224))
+
+
+def center_square(image: Image.Image, side: int) -> Image.Image:
+    """Resize the shorter side to ``side`` and crop the centre square."""
+    width, height = image.size
+    scale = side / min(width, height)
+    new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (new_w - side) // 2, (new_h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def normalize_batch(
+    batch: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW normalised; runs wherever ``batch`` lives (CPU or GPU)."""
+    mean_t = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=batch.device).view(1, 3, 1, 1) * 255
+    return (batch.float() - mean_t) / std_t
+
+
+def eval_uint8(image: Image.Image, image_size: int) -> torch.Tensor:
+    """The eval crop as uint8 CHW: resize shorter side, centre crop ``image_size``."""
+    square = center_square(image.convert("RGB"), resize_size_for(image_size))
+    offset = (square.size[0] - image_size) // 2
+    return to_uint8_chw(square.crop((offset, offset, offset + image_size, offset + image_size)))
+
+
+def eval_transform(
+    image: Image.Image,
+    *,
+    image_size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """PIL image -> normalised float CHW tensor, exactly as the model saw its evaluation data."""
+    return normalize_batch(eval_uint8(image, image_size).unsqueeze(0), mean, std)[0]
