@@ -1,0 +1,93 @@
+"""Dataset operations behind the routes."""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, not_found
+from api.uploads import SavedFile
+from shared.celery_app import enqueue_ingest
+from shared.config import Settings
+from shared.jobstate import JobStatus
+from shared.orm import Dataset, Job, new_id
+from shared.storage import dataset_dir, dataset_upload
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def sniff_archive(path: Path) -> str | None:
+    """zip / gzip / tar by magic bytes, not by the name the client chose."""
+    with path.open("rb") as handle:
+        head = handle.read(262)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def create(*, session: Session, settings: Settings, upload: SavedFile, name: str | None) -> Dataset:
+    kind = sniff_archive(upload.path)
+    if kind is None:
+        raise ApiError(415, "not_an_archive",
+                       f"'{upload.filename}' is not a .zip, .tar or .tar.gz archive; zip a folder with one "
+                       "sub-folder per class and upload that")
+    dataset_id = new_id()
+    target = dataset_upload(settings, dataset_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(upload.path, target)
+    stem = upload.filename
+    for suffix in ARCHIVE_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    dataset = Dataset(id=dataset_id, name=(name or stem or dataset_id)[:255], status="processing",
+                      filename=upload.filename[:255], size_bytes=upload.size, rejected=[], report={},
+                      progress={"processed": 0, "total": None})
+    session.add(dataset)
+    session.commit()
+    try:
+        enqueue_ingest(dataset_id)
+    except Exception:  # the reconciler re-sends datasets left processing without a message
+        log.exception("could not enqueue ingestion of dataset %s", dataset_id)
+    return dataset
+
+
+def get(*, session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.status == "deleted":
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+def list_(*, session: Session, status: str | None, limit: int, offset: int) -> tuple[list[Dataset], int]:
+    query = select(Dataset).where(Dataset.status != "deleted")
+    if status:
+        query = query.where(Dataset.status == status)
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Dataset.created_at.desc()).limit(limit).offset(offset)).all()
+    return list(rows), count
+
+
+def delete(*, session: Session, settings: Settings, dataset_id: str) -> None:
+    dataset = get(session=session, dataset_id=dataset_id)
+    active = session.scalar(select(func.count()).where(
+        Job.dataset_id == dataset_id,
+        Job.status.in_([JobStatus.queued, JobStatus.running, JobStatus.cancelling])))
+    if active:
+        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by {active} queued or running job(s); "
+                       "cancel them or wait for them to finish")
+    used = session.scalar(select(func.count()).where(Job.dataset_id == dataset_id))
+    if used:
+        # Finished jobs keep their history; the dataset's files go, the row is marked deleted.
+        dataset.status = "deleted"
+    else:
+        session.delete(dataset)
+    session.commit()
+    shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)

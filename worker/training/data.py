@@ -1,0 +1,166 @@
+"""The training data path: the uint8 cache, stratified splits, and batches augmented as tensors.
+
+Batches leave the cache as uint8 and are cropped, resized, flipped and normalised wherever the
+model lives, so the same code feeds a CPU run and keeps a GPU busy.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from shared.modeling.transforms import normalize_batch, resize_size_for
+from shared.storage import read_json
+
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+@dataclass
+class CachedDataset:
+    images: np.ndarray  # N x S x S x 3 uint8, memory-mapped
+    labels: np.ndarray  # N int64
+    preset_splits: np.ndarray  # N int8: -1 none, 0 train, 1 val, 2 test
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_cache(cache_dir: Path) -> CachedDataset:
+    index = read_json(cache_dir / "index.json")
+    return CachedDataset(
+        images=np.load(cache_dir / "images.npy", mmap_mode="r"),
+        labels=np.load(cache_dir / "labels.npy"),
+        preset_splits=np.load(cache_dir / "splits.npy"),
+        classes=index["classes"],
+    )
+
+
+def _carve(indices: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split off ``fraction`` of ``indices`` (at least one when there are three or more)."""
+    count = int(round(len(indices) * fraction))
+    if fraction > 0 and count == 0 and len(indices) >= 3:
+        count = 1
+    shuffled = rng.permutation(indices)
+    return shuffled[count:], shuffled[:count]
+
+
+def make_splits(
+    *, labels: np.ndarray, preset: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Stratified split codes per image; keeps the splits the dataset came with where it has them."""
+    rng = np.random.default_rng(seed)
+    splits = np.full(len(labels), TRAIN, dtype=np.int8)
+    if (preset >= 0).all():
+        splits[:] = preset
+        have = set(np.unique(preset).tolist())
+        for code, fraction in ((TEST, test_fraction), (VAL, val_fraction)):
+            if code in have:
+                continue
+            for cls in np.unique(labels):
+                pool = np.flatnonzero((splits == TRAIN) & (labels == cls))
+                _, taken = _carve(pool, fraction, rng)
+                splits[taken] = code
+        return splits
+    for cls in np.unique(labels):
+        pool = np.flatnonzero(labels == cls)
+        rest, test = _carve(pool, test_fraction, rng)
+        _, val = _carve(rest, val_fraction / max(1e-9, 1 - test_fraction), rng)
+        splits[test] = TEST
+        splits[val] = VAL
+    return splits
+
+
+def random_boxes(
+    count: int, side: int, generator: torch.Generator, scale: tuple[float, float] = (0.25, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """RandomResizedCrop boxes (x1, y1, x2, y2) for ``count`` images of ``side`` x ``side``."""
+    area = torch.empty(count).uniform_(*scale, generator=generator) * side * side
+    log_ratio = torch.empty(count).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(8, side)
+    height = torch.sqrt(area / aspect).clamp(8, side)
+    x1 = torch.rand(count, generator=generator) * (side - width)
+    y1 = torch.rand(count, generator=generator) * (side - height)
+    return torch.stack([x1, y1, x1 + width, y1 + height], dim=1)
+
+
+def center_boxes(count: int, side: int, image_size: int) -> torch.Tensor:
+    """The eval crop: what is left of the cache square after resizing to resize_size and cropping."""
+    crop = side * image_size / resize_size_for(image_size)
+    start = (side - crop) / 2
+    return torch.tensor([[start, start, start + crop, start + crop]]).repeat(count, 1)
+
+
+def crop_resize(batch: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Crop each box and resize it to ``image_size`` in one batched kernel (uint8/float NCHW in, float out)."""
+    index = torch.arange(len(boxes), dtype=torch.float32).unsqueeze(1)
+    rois = torch.cat([index, boxes.float()], dim=1).to(batch.device)
+    return roi_align(batch.float(), rois, output_size=image_size, spatial_scale=1.0, sampling_ratio=-1,
+                     aligned=True)
+
+
+def prepare_batch(
+    images: torch.Tensor, *, image_size: int, train: bool, augment: str, generator: torch.Generator,
+    channels_last: bool,
+) -> torch.Tensor:
+    """uint8 NHWC batch on the target device -> normalised float NCHW model input."""
+    batch = images.permute(0, 3, 1, 2)
+    count, side = batch.shape[0], batch.shape[-1]
+    if train and augment != "none":
+        boxes = random_boxes(count, side, generator, scale=(0.08, 1.0) if augment == "strong" else (0.25, 1.0))
+        out = crop_resize(batch, boxes, image_size)
+        flip = (torch.rand(count, generator=generator) < 0.5).to(out.device)
+        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+        if augment == "strong":
+            out = _strong(out, generator)
+    else:
+        out = crop_resize(batch, center_boxes(count, side, image_size), image_size)
+    out = normalize_batch(out)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _strong(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Colour jitter per image plus random erasing, done on whole batches."""
+    count = batch.shape[0]
+    device = batch.device
+    brightness = torch.empty(count).uniform_(0.6, 1.4, generator=generator).to(device).view(-1, 1, 1, 1)
+    contrast = torch.empty(count).uniform_(0.6, 1.4, generator=generator).to(device).view(-1, 1, 1, 1)
+    saturation = torch.empty(count).uniform_(0.6, 1.4, generator=generator).to(device).view(-1, 1, 1, 1)
+    out = batch * brightness
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * contrast + mean
+    gray = out.mean(dim=1, keepdim=True)
+    out = ((out - gray) * saturation + gray).clamp(0, 255)
+    side = out.shape[-1]
+    erase = torch.rand(count, generator=generator) < 0.25
+    size = (torch.empty(count).uniform_(0.1, 0.4, generator=generator) * side).long()
+    x0 = (torch.rand(count, generator=generator) * (side - size)).long()
+    y0 = (torch.rand(count, generator=generator) * (side - size)).long()
+    coords = torch.arange(side)
+    in_x = (coords.view(1, -1) >= x0.view(-1, 1)) & (coords.view(1, -1) < (x0 + size).view(-1, 1))
+    in_y = (coords.view(1, -1) >= y0.view(-1, 1)) & (coords.view(1, -1) < (y0 + size).view(-1, 1))
+    mask = (in_y.unsqueeze(2) & in_x.unsqueeze(1) & erase.view(-1, 1, 1)).to(device).unsqueeze(1)
+    return torch.where(mask, torch.full_like(out, 127.0), out)
+
+
+def iterate_batches(
+    data: CachedDataset, indices: np.ndarray, *, batch_size: int, shuffle: bool, generator: torch.Generator,
+    device: torch.device, drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 NHWC images, labels) on ``device``; pinned host memory and async copies on CUDA."""
+    order = indices[torch.randperm(len(indices), generator=generator).numpy()] if shuffle else indices
+    pin = device.type == "cuda"
+    stop = len(order) - (len(order) % batch_size if drop_last and len(order) > batch_size else 0)
+    for start in range(0, stop, batch_size):
+        chunk = np.sort(order[start:start + batch_size])  # sorted reads are sequential on the memmap
+        images = torch.from_numpy(np.ascontiguousarray(data.images[chunk]))
+        labels = torch.from_numpy(data.labels[chunk])
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        yield images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)

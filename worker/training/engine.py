@@ -1,0 +1,258 @@
+"""The training loop, in the shape of the torchvision references: plain functions, plain dicts."""
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.hyperparameters import Hyperparameters
+from shared.modeling import build_model
+from shared.storage import atomic_path
+from worker.training.data import TEST, TRAIN, VAL, CachedDataset, iterate_batches, prepare_batch
+from worker.training.metrics import classification_report
+from worker.training.optim import (
+    amp_dtype,
+    apply_freeze,
+    build_optimizer,
+    build_scheduler,
+    class_weights,
+)
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+class Reporter(Protocol):
+    def progress(self, progress: dict[str, Any]) -> None: ...
+    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    best_epoch: int
+    stopped: str | None  # None, "early_stopping", "max_minutes" or "cancelled"
+    val: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _mix(images: torch.Tensor, labels: torch.Tensor, hp: Hyperparameters, generator: torch.Generator
+         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix (chosen per batch when both are on); returns mixed images, partner labels, lam."""
+    use_cutmix = hp.cutmix > 0 and (hp.mixup == 0 or torch.rand(1, generator=generator).item() < 0.5)
+    alpha = hp.cutmix if use_cutmix else hp.mixup
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(alpha, alpha))
+    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    if use_cutmix:
+        side = images.shape[-1]
+        cut = int(side * (1 - lam) ** 0.5)
+        cx, cy = (torch.randint(0, side, (2,), generator=generator)).tolist()
+        x1, x2 = max(cx - cut // 2, 0), min(cx + cut // 2, side)
+        y1, y2 = max(cy - cut // 2, 0), min(cy + cut // 2, side)
+        images = images.clone()
+        images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
+        lam = 1 - (x2 - x1) * (y2 - y1) / (side * side)
+    else:
+        images = lam * images + (1 - lam) * images[perm]
+    return images, labels[perm], lam
+
+
+def train_one_epoch(
+    *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+    criterion: nn.Module, data: CachedDataset, indices: np.ndarray, hp: Hyperparameters, device: torch.device,
+    generator: torch.Generator, dtype: torch.dtype | None, frozen: list[nn.Module],
+    on_step: Callable[[int, int, int], bool],
+) -> dict[str, float]:
+    """One pass over ``indices``; ``on_step(step, steps, images)`` returns True to stop early."""
+    model.train()
+    for module in frozen:
+        module.eval()  # frozen stages keep their BatchNorm statistics too
+    steps = max(1, -(-len(indices) // hp.batch_size))
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    for step, (raw, labels) in enumerate(iterate_batches(
+        data, indices, batch_size=hp.batch_size, shuffle=True, generator=generator, device=device,
+        drop_last=True,
+    ), 1):
+        images = prepare_batch(raw, image_size=hp.image_size, train=True, augment=hp.augment,
+                               generator=generator, channels_last=hp.channels_last)
+        mixed = (hp.mixup > 0 or hp.cutmix > 0) and hp.augment != "none"
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if mixed:
+                images, partner, lam = _mix(images, labels, hp, generator)
+                logits = model(images)
+                loss = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, partner)
+            else:
+                logits = model(images)
+                loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        if on_step(step, steps, seen):
+            break
+    seen = max(seen, 1)
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "train_images": seen}
+
+
+@torch.no_grad()
+def evaluate(
+    *, model: nn.Module, data: CachedDataset, indices: np.ndarray, hp: Hyperparameters, device: torch.device,
+    dtype: torch.dtype | None, batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels for ``indices``, with the eval crop."""
+    model.eval()
+    probs, labels_out = [], []
+    generator = torch.Generator().manual_seed(0)
+    for raw, labels in iterate_batches(data, np.sort(indices), batch_size=batch_size or hp.batch_size * 2,
+                                       shuffle=False, generator=generator, device=device):
+        images = prepare_batch(raw, image_size=hp.image_size, train=False, augment="none",
+                               generator=generator, channels_last=hp.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(images)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels_out.append(labels.cpu())
+    if not probs:
+        return np.zeros((0, data.num_classes), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels_out).numpy()
+
+
+def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def fit(
+    *, hp: Hyperparameters, data: CachedDataset, splits: np.ndarray, device: torch.device, work_dir: Path,
+    weights_dir: Path | None, reporter: Reporter, compile_model: bool = False,
+) -> FitResult:
+    """Train, keep the best epoch by validation accuracy, resume from ``work_dir`` if it has a checkpoint."""
+    torch.manual_seed(hp.seed)
+    model = build_model(base_model=hp.base_model, num_classes=data.num_classes, weights=hp.weights,
+                        weights_dir=weights_dir, head=hp.head, dropout=hp.dropout)
+    frozen = apply_freeze(model, hp.freeze_stages)
+    model.to(device)
+    if hp.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(hp, device)
+    train_idx, val_idx, test_idx = (np.flatnonzero(splits == code) for code in (TRAIN, VAL, TEST))
+    steps_per_epoch = max(1, len(train_idx) // hp.batch_size)
+    optimizer = build_optimizer(model, hp)
+    scheduler = build_scheduler(optimizer, hp, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    weight = class_weights(data.labels[train_idx], data.num_classes, hp.class_weighting)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
+                                    label_smoothing=hp.label_smoothing)
+    runner = torch.compile(model) if compile_model else model
+
+    state = load_checkpoint(work_dir / CHECKPOINT)
+    history: list[dict[str, Any]] = []
+    best = {"epoch": 0, "val_accuracy": -1.0, "val_loss": float("inf")}
+    bad_epochs, elapsed_before, start_epoch = 0, 0.0, 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        elapsed_before, start_epoch = state["elapsed"], state["epoch"] + 1
+
+    started = time.monotonic()
+    deadline = None if hp.max_minutes is None else started + hp.max_minutes * 60 - elapsed_before
+    stopped: str | None = None
+    last_report = 0.0
+    for epoch in range(start_epoch, hp.epochs + 1):
+        torch.manual_seed(hp.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(hp.seed * 100_003 + epoch)
+        epoch_start = time.monotonic()
+
+        def on_step(step: int, steps: int, seen: int, epoch: int = epoch, epoch_start: float = epoch_start) -> bool:
+            nonlocal last_report, stopped
+            now = time.monotonic()
+            if now - last_report >= 2.0 or step == steps:
+                last_report = now
+                rate = seen / max(now - epoch_start, 1e-9)
+                left = (steps - step) * hp.batch_size + (hp.epochs - epoch) * steps * hp.batch_size
+                reporter.progress({"epoch": epoch, "epochs": hp.epochs, "step": step, "steps": steps,
+                                   "images_per_second": round(rate, 2), "eta_seconds": round(left / rate, 1)})
+            if reporter.stop_requested():
+                stopped = "cancelled"
+            elif deadline is not None and now >= deadline:
+                stopped = "max_minutes"
+            return stopped is not None
+
+        train_metrics = train_one_epoch(
+            model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, data=data,
+            indices=train_idx, hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
+            on_step=on_step,
+        )
+        if stopped == "cancelled":
+            break
+        train_seconds = time.monotonic() - epoch_start
+        probs, labels = evaluate(model=runner, data=data, indices=val_idx, hp=hp, device=device, dtype=dtype)
+        val_accuracy = float((probs.argmax(1) == labels).mean()) if len(labels) else train_metrics["train_accuracy"]
+        val_loss = _loss(probs, labels) if len(labels) else train_metrics["train_loss"]
+        metrics = {
+            "epoch": epoch, **train_metrics, "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_second": round(train_metrics["train_images"] / max(train_seconds, 1e-9), 2),
+            "seconds": round(time.monotonic() - epoch_start, 3),
+        }
+        history.append(metrics)
+        improved = val_accuracy > best["val_accuracy"] or (
+            val_accuracy == best["val_accuracy"] and val_loss < best["val_loss"])
+        if improved:
+            best = {"epoch": epoch, "val_accuracy": val_accuracy, "val_loss": val_loss}
+            bad_epochs = 0
+            save_checkpoint(work_dir / BEST, {"model": model.state_dict(), "epoch": epoch})
+        else:
+            bad_epochs += 1
+        save_checkpoint(work_dir / CHECKPOINT, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+            "best": best, "bad_epochs": bad_epochs, "elapsed": elapsed_before + time.monotonic() - started,
+        })
+        reporter.epoch_done(epoch, metrics)
+        if stopped is None and hp.early_stopping_patience and bad_epochs >= hp.early_stopping_patience:
+            stopped = "early_stopping"
+        if stopped is not None:
+            break
+
+    best_state = load_checkpoint(work_dir / BEST)
+    final = copy.deepcopy(model)
+    if best_state is not None:
+        final.load_state_dict(best_state["model"])
+    result = FitResult(model=final, history=history, best_epoch=best["epoch"], stopped=stopped)
+    if stopped != "cancelled":
+        for name, idx in (("val", val_idx), ("test", test_idx)):
+            probs, labels = evaluate(model=final, data=data, indices=idx, hp=hp, device=device, dtype=dtype)
+            report = classification_report(probs=probs, labels=labels, classes=data.classes)
+            if len(labels):
+                report["loss"] = _loss(probs, labels)
+            setattr(result, name, report)
+    return result

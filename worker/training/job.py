@@ -1,0 +1,184 @@
+"""Run one training job against the database: claim it, train, record the result, release it."""
+
+import logging
+import os
+import shutil
+import socket
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from shared.config import Settings, get_settings
+from shared.db import get_engine, session_scope
+from shared.hyperparameters import Hyperparameters
+from shared.jobstate import JobStatus, transition
+from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable, resize_size_for, save_model_artifact
+from shared.orm import Dataset, Job, JobEpoch, Model, new_id, utcnow
+from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir
+from worker.training.data import load_cache, make_splits
+from worker.training.engine import fit
+from worker.training.optim import resolve_device
+
+log = logging.getLogger(__name__)
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobReporter:
+    """Writes progress and epochs to the job row, keeps the lease alive and notices cancellation."""
+
+    def __init__(self, job_id: str, settings: Settings) -> None:
+        self.job_id = job_id
+        self.settings = settings
+        self._cancel = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "JobReporter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                self.beat()
+            except Exception:  # a DB blip must not kill training; the next beat retries
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def beat(self) -> None:
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
+                            .values(heartbeat_at=utcnow()))
+            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+        if status == JobStatus.cancelling:
+            self._cancel.set()
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == self.job_id)
+                            .values(progress=progress, heartbeat_at=utcnow(), updated_at=utcnow()))
+            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+        if status == JobStatus.cancelling:
+            self._cancel.set()
+
+    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
+        values = {"job_id": self.job_id, "epoch": epoch, "metrics": metrics, "created_at": utcnow()}
+        insert = pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert
+        with session_scope() as session:
+            # A resumed job may re-finish an epoch whose row already landed; keep the first.
+            session.execute(insert(JobEpoch).values(**values).on_conflict_do_nothing(
+                index_elements=["job_id", "epoch"]))
+
+    def stop_requested(self) -> bool:
+        return self._cancel.is_set()
+
+
+def claim(*, job_id: str, settings: Settings) -> Job | None:
+    """Take the job for this worker: queued -> running, or None if it is not ours to run."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist", job_id)
+            return None
+        if job.status != JobStatus.queued:
+            log.info("job %s is %s; this delivery does nothing", job_id, job.status)
+            return None
+        won = transition(session=session, job_id=job_id, expected=JobStatus.queued, to=JobStatus.running,
+                         worker_id=WORKER_ID, heartbeat_at=utcnow(), attempts=job.attempts + 1,
+                         started_at=job.started_at or utcnow(), error=None, error_code=None)
+    if not won:
+        return None
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def _fail(job_id: str, message: str, code: str) -> None:
+    with session_scope() as session:
+        for expected in (JobStatus.running, JobStatus.cancelling):
+            if transition(session=session, job_id=job_id, expected=expected, to=JobStatus.failed,
+                          error=message, error_code=code, worker_id=None):
+                return
+
+
+def run_training_job(job_id: str, *, settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    job = claim(job_id=job_id, settings=settings)
+    if job is None:
+        return
+    try:
+        with JobReporter(job_id, settings) as reporter:
+            _train(job, settings, reporter)
+    except WeightsUnavailable as exc:
+        _fail(job_id, str(exc), WeightsUnavailable.code)
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        _fail(job_id, f"training failed: {type(exc).__name__}: {exc}", "training_error")
+
+
+def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
+    hp = Hyperparameters.model_validate(job.hyperparameters)
+    with session_scope() as session:
+        dataset = session.get(Dataset, job.dataset_id)
+        if dataset is None or dataset.status != "ready":
+            raise RuntimeError(f"dataset {job.dataset_id} is not ready")
+    data = load_cache(dataset_cache(settings, job.dataset_id))
+    splits_file = dataset_dir(settings, job.dataset_id) / "splits" / (
+        f"seed{hp.seed}-val{hp.val_fraction:g}-test{hp.test_fraction:g}.npy")
+    if splits_file.is_file():
+        splits = np.load(splits_file)
+    else:
+        splits = make_splits(labels=data.labels, preset=data.preset_splits, val_fraction=hp.val_fraction,
+                             test_fraction=hp.test_fraction, seed=hp.seed)
+        splits_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = splits_file.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, splits)
+        os.replace(tmp, splits_file)
+    device = resolve_device(settings.device)
+    steps = hp.epochs * max(1, int((splits == 0).sum()) // hp.batch_size)
+    compile_model = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda" and steps >= 2000)
+    work = job_dir(settings, job.id)
+    work.mkdir(parents=True, exist_ok=True)
+    result = fit(hp=hp, data=data, splits=splits, device=device, work_dir=work,
+                 weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
+    if result.stopped == "cancelled":
+        with session_scope() as session:
+            transition(session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
+                       worker_id=None)
+        return
+    model_id = new_id()
+    metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,
+               "stopped": result.stopped, "epochs_run": len(result.history)}
+    meta = {
+        "model_id": model_id, "job_id": job.id, "dataset_id": job.dataset_id, "base_model": hp.base_model,
+        "head": hp.head, "dropout": hp.dropout, "classes": data.classes, "image_size": hp.image_size,
+        "resize_size": resize_size_for(hp.image_size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "hyperparameters": hp.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat(),
+    }
+    save_model_artifact(directory=model_dir(settings, model_id), model=result.model, meta=meta)
+    with session_scope() as session:
+        session.add(Model(id=model_id, job_id=job.id, dataset_id=job.dataset_id, base_model=hp.base_model,
+                          classes=data.classes, image_size=hp.image_size, metrics=metrics))
+        session.flush()
+        won = transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.succeeded,
+                         model_id=model_id, metrics=metrics, worker_id=None)
+        if not won:
+            # Cancelled in the last moments: the user asked for no model, so none is published.
+            session.rollback()
+            shutil.rmtree(model_dir(settings, model_id), ignore_errors=True)
+            with session_scope() as s2:
+                transition(session=s2, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
+                           worker_id=None)
+            return
+    shutil.rmtree(work, ignore_errors=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
