@@ -16,8 +16,8 @@ def to_public(job: Job, history: list[dict] | None = None) -> JobPublic:
 
 
 @router.post("", status_code=202, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, idempotency_key: IdempotencyKeyDep, owner: ApiKeyDep
-               ) -> JobPublic:
+def create_job(body: JobCreate, session: SessionDep, owner: ApiKeyDep,
+               idempotency_key: IdempotencyKeyDep = None) -> JobPublic:
     job = jobs.create(session=session, body=body, idempotency_key=idempotency_key, owner=owner)
     return to_public(job, jobs.history(session=session, job_id=job.id))
 

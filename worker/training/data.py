@@ -156,7 +156,9 @@ def iterate_batches(
     """Yield (uint8 NHWC images, labels) on ``device``; pinned host memory and async copies on CUDA."""
     order = indices[torch.randperm(len(indices), generator=generator).numpy()] if shuffle else indices
     pin = device.type == "cuda"
-    stop = len(order) - (len(order) % batch_size if drop_last and len(order) > batch_size else 0)
+    # Drop only a ragged last batch too small for BatchNorm statistics to mean anything.
+    remainder = len(order) % batch_size
+    stop = len(order) - (remainder if drop_last and len(order) > batch_size and remainder < 8 else 0)
     for start in range(0, stop, batch_size):
         chunk = np.sort(order[start:start + batch_size])  # sorted reads are sequential on the memmap
         images = torch.from_numpy(np.ascontiguousarray(data.images[chunk]))

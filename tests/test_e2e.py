@@ -1,0 +1,73 @@
+"""The whole service over HTTP: upload, train, predict. Real Postgres, Redis and Celery worker, then
+the same flow on the embedded defaults (SQLite + filesystem broker)."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Service, wait_for
+from tests.synthetic import make_heldout, make_zip
+
+CLASSES = ["red", "green", "blue"]
+
+
+def run_walkthrough(service: Service, tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "shapes.zip", classes=CLASSES, per_class=50, wrapper="shapes/")
+    with service.client() as client:
+        before = client.post("/predict", files={"file": ("x.jpg", make_heldout(["red"], 1)[0][1], "image/jpeg")})
+        assert before.status_code == 503 and before.json()["code"] == "no_model"
+
+        created = client.post("/v1/datasets", files={"file": ("shapes.zip", archive.read_bytes(), "application/zip")})
+        assert created.status_code == 202, created.text
+        assert created.json()["status"] == "processing"
+        dataset_id = created.json()["id"]
+
+        dataset = wait_for(lambda: (d := client.get(f"/v1/datasets/{dataset_id}").json())["status"] != "processing"
+                           and d, 60, what="ingestion")
+        assert dataset["status"] == "ready", (dataset, service.logs())
+        assert dataset["classes"] == sorted(CLASSES)
+        assert dataset["class_counts"] == {c: 50 for c in CLASSES}
+
+        job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "hyperparameters": {
+            "epochs": 4, "image_size": 48, "weights": "none", "batch_size": 16}})
+        assert job.status_code == 202, job.text
+        assert job.json()["status"] == "queued"
+        job_id = job.json()["id"]
+
+        seen: set[str] = set()
+
+        def finished() -> dict | None:
+            body = client.get(f"/v1/jobs/{job_id}").json()
+            seen.add(body["status"])
+            return body if body["status"] in ("succeeded", "failed", "cancelled") else None
+
+        final = wait_for(finished, 300, interval=0.2, what="training")
+        assert final["status"] == "succeeded", (final["error"], service.logs())
+        assert "running" in seen
+        assert final["attempts"] == 1
+        assert [h["epoch"] for h in final["history"]] == [1, 2, 3, 4]
+        assert final["model_id"] and final["metrics"]["test"]["samples"] > 0
+
+        heldout = make_heldout(CLASSES, 10)
+        files = [("file", (f"{label}_{i}.jpg", data, "image/jpeg")) for i, (label, data) in enumerate(heldout)]
+        started = time.monotonic()
+        response = client.post("/predict", files=files)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model_id"] == final["model_id"]
+        assert len(body["predictions"]) == len(heldout)
+        assert all(len(p["top"]) == 3 for p in body["predictions"])  # top_k 5 clamped to 3 classes
+        correct = sum(p["top"][0]["label"] == label for p, (label, _) in zip(body["predictions"], heldout, strict=True))
+        assert correct / len(heldout) >= 0.9, (correct, time.monotonic() - started)
+
+
+@pytest.mark.slow
+def test_walkthrough_on_postgres_redis_and_a_celery_worker(migrated, start_service, tmp_path):
+    run_walkthrough(start_service(migrated), tmp_path)
+
+
+@pytest.mark.slow
+def test_walkthrough_on_embedded_defaults(env_for, start_service, tmp_path):
+    env = env_for()
+    run_walkthrough(start_service(env), tmp_path)
