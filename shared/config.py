@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     heartbeat_seconds: float = Field(5.0, gt=0)
     lease_timeout_seconds: float = Field(60.0, gt=0)
+    reconcile_interval_seconds: float = Field(10.0, gt=0)
+    max_active_jobs_per_key: int = Field(20, ge=1)
     # Redis redelivers unacked tasks after this long, whether or not the worker is alive; the DB
     # lease (heartbeat) is what stops a second worker from running a job that is still training.
     visibility_timeout_seconds: int = Field(12 * 3600, gt=0)

@@ -3,7 +3,7 @@
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from shared.orm import Job, utcnow
@@ -37,7 +37,8 @@ class IllegalTransition(ValueError):
 
 
 def transition(
-    *, session: Session, job_id: str, expected: JobStatus, to: JobStatus, **fields: Any
+    *, session: Session, job_id: str, expected: JobStatus, to: JobStatus, also: ColumnElement[bool] | None = None,
+    **fields: Any,
 ) -> bool:
     """Move a job from ``expected`` to ``to``.
 
@@ -49,7 +50,8 @@ def transition(
     values: dict[str, Any] = {"status": to.value, "updated_at": utcnow(), **fields}
     if to in FINAL:
         values.setdefault("finished_at", utcnow())
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == expected.value).values(**values)
-    )
+    statement = update(Job).where(Job.id == job_id, Job.status == expected.value)
+    if also is not None:
+        statement = statement.where(also)
+    result = session.execute(statement.values(**values))
     return result.rowcount == 1

@@ -1,7 +1,12 @@
-"""Celery tasks: doorways to plain functions."""
+"""Celery tasks: doorways to plain functions. Also wires worker start/stop to the reconciler."""
+
+from typing import Any
+
+from celery import signals
 
 from shared.celery_app import TASK_INGEST, TASK_TRAIN, get_celery
 from worker.ingest import ingest_dataset as ingest_dataset_fn
+from worker.reliability import SHUTDOWN, start_reconciler
 from worker.training.job import run_training_job
 
 app = get_celery()
@@ -15,3 +20,15 @@ def ingest_dataset(dataset_id: str) -> None:
 @app.task(name=TASK_TRAIN, acks_late=True)
 def train(job_id: str) -> None:
     run_training_job(job_id)
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_: Any) -> None:
+    start_reconciler()
+
+
+@signals.worker_shutting_down.connect
+def _release_running_job(**_: Any) -> None:
+    # Celery's warm shutdown would wait for a training task to finish (hours); instead the training
+    # loop sees this, checkpoints and releases its job.
+    SHUTDOWN.set()

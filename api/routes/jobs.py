@@ -1,6 +1,6 @@
 from fastapi import APIRouter, Query
 
-from api.deps import ApiKeyDep, IdempotencyKeyDep, SessionDep
+from api.deps import ApiKeyDep, IdempotencyKeyDep, SessionDep, SettingsDep
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.services import jobs
 from shared.jobstate import JobStatus
@@ -16,9 +16,10 @@ def to_public(job: Job, history: list[dict] | None = None) -> JobPublic:
 
 
 @router.post("", status_code=202, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, owner: ApiKeyDep,
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, owner: ApiKeyDep,
                idempotency_key: IdempotencyKeyDep = None) -> JobPublic:
-    job = jobs.create(session=session, body=body, idempotency_key=idempotency_key, owner=owner)
+    job = jobs.create(session=session, body=body, idempotency_key=idempotency_key, owner=owner,
+                      max_active=settings.max_active_jobs_per_key)
     return to_public(job, jobs.history(session=session, job_id=job.id))
 
 

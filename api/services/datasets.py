@@ -1,6 +1,5 @@
 """Dataset operations behind the routes."""
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -9,14 +8,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
+from api.services.outbox import dispatch
 from api.uploads import SavedFile
 from shared.celery_app import enqueue_ingest
 from shared.config import Settings
 from shared.jobstate import JobStatus
 from shared.orm import Dataset, Job, new_id
 from shared.storage import dataset_dir, dataset_upload
-
-log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -52,10 +50,8 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
                       progress={"processed": 0, "total": None})
     session.add(dataset)
     session.commit()
-    try:
-        enqueue_ingest(dataset_id)
-    except Exception:  # the reconciler re-sends datasets left processing without a message
-        log.exception("could not enqueue ingestion of dataset %s", dataset_id)
+    dispatch(session=session, table=Dataset, row_id=dataset_id, enqueue=enqueue_ingest)
+    session.refresh(dataset)
     return dataset
 
 

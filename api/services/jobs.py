@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import logging
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -10,23 +9,30 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from api.schemas import JobCreate
+from api.services.outbox import dispatch
 from shared.celery_app import enqueue_train
 from shared.jobstate import FINAL, JobStatus, transition
 from shared.orm import Dataset, Job, JobEpoch, new_id
-
-log = logging.getLogger(__name__)
 
 
 def _request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def create(*, session: Session, body: JobCreate, idempotency_key: str | None, owner: str | None) -> Job:
+def create(*, session: Session, body: JobCreate, idempotency_key: str | None, owner: str | None,
+           max_active: int) -> Job:
     digest = _request_hash(body)
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
         if existing is not None:
             return _same_request(existing, digest, idempotency_key)
+    if owner is not None:
+        active = session.scalar(select(func.count()).where(
+            Job.owner == owner, Job.status.in_([JobStatus.queued, JobStatus.running, JobStatus.cancelling]))) or 0
+        if active >= max_active:
+            raise ApiError(429, "too_many_jobs", f"this API key already has {active} queued or running jobs "
+                           f"(limit {max_active}, TUNESERVE_MAX_ACTIVE_JOBS_PER_KEY); wait for some to finish",
+                           headers={"Retry-After": "30"})
     dataset = session.get(Dataset, body.dataset_id)
     if dataset is None or dataset.status == "deleted":
         raise not_found("dataset", body.dataset_id)
@@ -47,10 +53,8 @@ def create(*, session: Session, body: JobCreate, idempotency_key: str | None, ow
         if existing is None:
             raise
         return _same_request(existing, digest, idempotency_key or "")
-    try:
-        enqueue_train(job.id)
-    except Exception:  # the reconciler re-sends queued jobs whose message never reached the broker
-        log.exception("could not enqueue job %s; it stays queued for the reconciler", job.id)
+    dispatch(session=session, table=Job, row_id=job.id, enqueue=enqueue_train)
+    session.refresh(job)
     return job
 
 

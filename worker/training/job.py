@@ -20,6 +20,7 @@ from shared.jobstate import JobStatus, transition
 from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable, resize_size_for, save_model_artifact
 from shared.orm import Dataset, Job, JobEpoch, Model, new_id, utcnow
 from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir
+from worker.reliability import SHUTDOWN
 from worker.training.data import load_cache, make_splits
 from worker.training.engine import fit
 from worker.training.optim import resolve_device
@@ -79,7 +80,7 @@ class JobReporter:
                 index_elements=["job_id", "epoch"]))
 
     def stop_requested(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or SHUTDOWN.is_set()
 
 
 def claim(*, job_id: str, settings: Settings) -> Job | None:
@@ -151,8 +152,12 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
                  weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
     if result.stopped == "cancelled":
         with session_scope() as session:
-            transition(session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
-                       worker_id=None)
+            if not transition(session=session, job_id=job.id, expected=JobStatus.cancelling,
+                              to=JobStatus.cancelled, worker_id=None):
+                # Not a user's cancel: this worker is shutting down. Hand the job back; it resumes
+                # from its last checkpoint wherever the reconciler sends it next.
+                transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.queued,
+                           worker_id=None, heartbeat_at=None, enqueued_at=None)
         return
     model_id = new_id()
     metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,

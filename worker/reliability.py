@@ -1,0 +1,104 @@
+"""Keeps jobs moving when processes die: requeue jobs whose worker went silent, and (re)send
+messages for rows the broker never got. Runs as a thread in every worker; every change is a
+guarded UPDATE, so any number of workers can run it at once."""
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from shared.celery_app import enqueue_ingest, enqueue_train
+from shared.config import Settings, get_settings
+from shared.db import session_scope
+from shared.jobstate import JobStatus, transition
+from shared.orm import Dataset, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+# Set when the worker is asked to stop (SIGTERM): the running job checkpoints and goes back to queued.
+SHUTDOWN = threading.Event()
+
+# A freshly created row gets this long for the API to send its message before it counts as orphaned.
+SEND_GRACE_SECONDS = 5
+
+
+def reap_stale_jobs(*, settings: Settings) -> list[str]:
+    """Running jobs whose heartbeat stopped: back to queued (to resume from their checkpoint), or
+    failed once they have used up ``job_max_attempts``. Returns the ids that moved."""
+    cutoff = utcnow() - timedelta(seconds=settings.lease_timeout_seconds)
+    moved = []
+    with session_scope() as session:
+        stale = session.execute(
+            select(Job.id, Job.status, Job.attempts, Job.heartbeat_at).where(
+                Job.status.in_([JobStatus.running, JobStatus.cancelling]),
+                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
+        ).all()
+    for job_id, status, attempts, beat in stale:
+        unchanged = Job.heartbeat_at.is_(None) if beat is None else Job.heartbeat_at == beat
+        with session_scope() as session:
+            if status == JobStatus.cancelling:
+                won = transition(session=session, job_id=job_id, expected=JobStatus.cancelling,
+                                 to=JobStatus.cancelled, also=unchanged, worker_id=None)
+            elif attempts >= settings.job_max_attempts:
+                won = transition(session=session, job_id=job_id, expected=JobStatus.running, to=JobStatus.failed,
+                                 also=unchanged, worker_id=None, error_code="worker_lost",
+                                 error=f"the worker running this job stopped responding {attempts} times "
+                                       f"(TUNESERVE_JOB_MAX_ATTEMPTS={settings.job_max_attempts}); see the worker logs")
+            else:
+                won = transition(session=session, job_id=job_id, expected=JobStatus.running, to=JobStatus.queued,
+                                 also=unchanged, worker_id=None, heartbeat_at=None, enqueued_at=None)
+        if won:
+            log.warning("job %s lost its worker (last heartbeat %s); it was %s", job_id, beat, status)
+            moved.append(job_id)
+    return moved
+
+
+def send_unsent(*, settings: Settings) -> list[str]:
+    """Send a message for every queued job / processing dataset the broker never got. The guarded
+    UPDATE on ``enqueued_at`` makes exactly one reconciler send each."""
+    grace = utcnow() - timedelta(seconds=SEND_GRACE_SECONDS)
+    sent = []
+    for table, status, enqueue in ((Job, JobStatus.queued.value, enqueue_train),
+                                   (Dataset, "processing", enqueue_ingest)):
+        with session_scope() as session:
+            ids = session.scalars(select(table.id).where(
+                table.status == status, table.enqueued_at.is_(None), table.created_at < grace)).all()
+        for row_id in ids:
+            with session_scope() as session:
+                claimed = session.execute(update(table).where(
+                    table.id == row_id, table.status == status, table.enqueued_at.is_(None)
+                ).values(enqueued_at=utcnow())).rowcount == 1
+            if not claimed:
+                continue
+            try:
+                enqueue(row_id)
+                sent.append(row_id)
+            except Exception:
+                log.warning("broker unavailable; %s %s stays unsent for now", table.__tablename__, row_id)
+                with session_scope() as session:
+                    session.execute(update(table).where(table.id == row_id).values(enqueued_at=None))
+                break
+    return sent
+
+
+def reconcile_once(*, settings: Settings) -> None:
+    reap_stale_jobs(settings=settings)
+    send_unsent(settings=settings)
+
+
+def start_reconciler(settings: Settings | None = None) -> threading.Event:
+    """Run ``reconcile_once`` every ``reconcile_interval_seconds`` in a daemon thread; set the
+    returned event to stop it."""
+    settings = settings or get_settings()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.reconcile_interval_seconds):
+            try:
+                reconcile_once(settings=settings)
+            except Exception:
+                log.warning("reconcile pass failed; retrying next interval", exc_info=True)
+
+    threading.Thread(target=loop, name="reconciler", daemon=True).start()
+    return stop
