@@ -5,6 +5,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -13,6 +14,23 @@ log = logging.getLogger(__name__)
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
                 422: "validation_error", 429: "too_many_requests", 503: "unavailable"}
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+# Documented on every route so clients (and the schema fuzzer) know the shape of each error.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+}
 
 
 class ApiError(Exception):
@@ -25,7 +43,8 @@ class ApiError(Exception):
 
 
 def not_found(kind: str, item_id: str) -> ApiError:
-    return ApiError(404, f"{kind}_not_found", f"{kind} {item_id} does not exist")
+    shown = item_id if item_id.isprintable() and len(item_id) <= 64 else repr(item_id[:64])
+    return ApiError(404, f"{kind}_not_found", f"{kind} {shown} does not exist")
 
 
 def _field(loc: tuple) -> str:

@@ -30,3 +30,27 @@ def multipart_bytes(size: int) -> bytes:
 
 def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+def model_artifact(*, classes: tuple[str, ...] = ("a", "b"), image_size: int = 32, seed: int = 0) -> str:
+    """A real (untrained, seeded) resnet18 artifact on disk plus its Model row; returns the model id."""
+    import torch
+
+    from shared.config import get_settings
+    from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, build_model, resize_size_for, save_model_artifact
+    from shared.orm import Model
+    from shared.storage import model_dir
+
+    dataset_id = ready_dataset()
+    job_id = job_row(dataset_id, JobStatus.succeeded)
+    torch.manual_seed(seed)
+    model = build_model(base_model="resnet18", num_classes=len(classes), head="linear")
+    model_id = new_id()
+    meta = {"model_id": model_id, "base_model": "resnet18", "head": "linear", "dropout": 0.0,
+            "classes": list(classes), "image_size": image_size, "resize_size": resize_size_for(image_size),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    save_model_artifact(directory=model_dir(get_settings(), model_id), model=model.eval(), meta=meta)
+    with session_scope() as session:
+        session.add(Model(id=model_id, job_id=job_id, dataset_id=dataset_id, base_model="resnet18",
+                          classes=list(classes), image_size=image_size, metrics={}))
+    return model_id

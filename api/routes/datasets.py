@@ -30,7 +30,7 @@ async def create_dataset(request: Request, session: SessionDep, settings: Settin
 
 @router.get("", response_model=DatasetsPublic)
 def list_datasets(session: SessionDep, _: ApiKeyDep, status: str | None = None,
-                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> DatasetsPublic:
+                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1)) -> DatasetsPublic:
     rows, count = datasets.list_(session=session, status=status, limit=limit, offset=offset)
     return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
 

@@ -25,7 +25,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, owne
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(session: SessionDep, _: ApiKeyDep, status: JobStatus | None = None, dataset_id: str | None = None,
-              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> JobsPublic:
+              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1)) -> JobsPublic:
     rows, count = jobs.list_(session=session, status=status, dataset_id=dataset_id, limit=limit, offset=offset)
     return JobsPublic(data=[to_public(r) for r in rows], count=count)
 

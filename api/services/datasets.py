@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
+from api.services import get_or_404
 from api.services.outbox import dispatch
 from api.uploads import SavedFile
 from shared.celery_app import enqueue_ingest
@@ -51,13 +52,12 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
     session.add(dataset)
     session.commit()
     dispatch(session=session, table=Dataset, row_id=dataset_id, enqueue=enqueue_ingest)
-    session.refresh(dataset)
     return dataset
 
 
 def get(*, session: Session, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.status == "deleted":
+    dataset = get_or_404(session, Dataset, "dataset", dataset_id)
+    if dataset.status == "deleted":
         raise not_found("dataset", dataset_id)
     return dataset
 

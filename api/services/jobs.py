@@ -7,12 +7,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError, not_found
+from api.errors import ApiError
 from api.schemas import JobCreate
+from api.services import datasets, get_or_404
 from api.services.outbox import dispatch
 from shared.celery_app import enqueue_train
 from shared.jobstate import FINAL, JobStatus, transition
-from shared.orm import Dataset, Job, JobEpoch, new_id
+from shared.orm import Job, JobEpoch, new_id
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -33,9 +34,7 @@ def create(*, session: Session, body: JobCreate, idempotency_key: str | None, ow
             raise ApiError(429, "too_many_jobs", f"this API key already has {active} queued or running jobs "
                            f"(limit {max_active}, TUNESERVE_MAX_ACTIVE_JOBS_PER_KEY); wait for some to finish",
                            headers={"Retry-After": "30"})
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None or dataset.status == "deleted":
-        raise not_found("dataset", body.dataset_id)
+    dataset = datasets.get(session=session, dataset_id=body.dataset_id)
     if dataset.status != "ready":
         raise ApiError(409, "dataset_not_ready",
                        f"dataset {dataset.id} is {dataset.status}"
@@ -54,7 +53,6 @@ def create(*, session: Session, body: JobCreate, idempotency_key: str | None, ow
             raise
         return _same_request(existing, digest, idempotency_key or "")
     dispatch(session=session, table=Job, row_id=job.id, enqueue=enqueue_train)
-    session.refresh(job)
     return job
 
 
@@ -66,10 +64,7 @@ def _same_request(existing: Job, digest: str, key: str) -> Job:
 
 
 def get(*, session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise not_found("job", job_id)
-    return job
+    return get_or_404(session, Job, "job", job_id)
 
 
 def history(*, session: Session, job_id: str) -> list[dict]:
@@ -103,5 +98,4 @@ def cancel(*, session: Session, job_id: str) -> Job:
             break
         session.rollback()
         session.refresh(job)
-    session.refresh(job)
     return job
