@@ -6,9 +6,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.errors import install_error_handlers
+from api import observability
+from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.predictor import Predictor
-from api.routes import datasets, health, jobs, models, predict
+from api.routes import datasets, events, health, jobs, models, plots, predict, ui
 from shared.config import get_settings
 
 
@@ -20,14 +21,19 @@ def create_app() -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         app.state.predictor = Predictor(settings)
         yield
+        app.state.predictor.close()
 
-    app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan,
+    # /docs and /redoc are served by api.routes.ui from local assets (offline).
+    app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fine-tune ImageNet ResNets on your own labelled images and serve predictions.")
     install_error_handlers(app)
-    for router in (health.router, datasets.router, jobs.router, models.router, predict.router):
-        app.include_router(router)
+    for router in (health.router, datasets.router, jobs.router, models.router, predict.router,
+                   events.router, plots.router, observability.router):
+        app.include_router(router, responses=ERROR_RESPONSES)
+    ui.install_ui(app)
+    app.add_middleware(observability.ObservabilityMiddleware)
     return app
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+observability.configure_logging(logging.INFO)
 app = create_app()

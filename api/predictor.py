@@ -1,21 +1,44 @@
-"""Loads trained models and runs inference for /predict. The only API module that imports torch."""
+"""Loads trained models and runs inference for /predict. The only API module that imports torch.
+
+Requests decode and crop their images in the request threadpool (``prepare_images``); one inference
+thread (``Batcher``) owns every forward pass and gathers the work of concurrent requests into one batch.
+"""
 
 import io
 import logging
+import os
 import threading
+import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Depends, Request
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.errors import ApiError
+from api.observability import observe_predict_batch
 from shared.config import Settings
 from shared.storage import model_dir
 
 log = logging.getLogger(__name__)
+
+# Inference shares the API's cores with request handling; OpenMP workers that spin between forward
+# passes starve the request threads (bench/predict.py, 2 cores, c=64: 47 vs 26 img/s in one noisy run).
+# Takes effect because torch is first imported after this module (lazily, by the predictor).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Wider than this and the eval resize (shorter side -> ~1.14 x image_size) would allocate a huge strip.
+MAX_ASPECT_RATIO = 100
+# How long the serving model id read from the database is trusted; a newer model shows up within this.
+SERVING_REFRESH_S = 0.5
+# A model whose background load failed is not retried on every request, only after this long.
+RETRY_FAILED_LOAD_S = 30.0
 
 
 @dataclass
@@ -29,49 +52,220 @@ class LoadedModel:
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
-    def infer(self, images: list[Image.Image]) -> Any:
-        """Softmax probabilities (a CPU float tensor, N x classes) for PIL images."""
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    def forward(self, batch: Any, *, chunk: int) -> Any:
+        """Softmax probabilities (CPU float, N x classes) for a uint8 NCHW batch of eval crops.
+
+        ``eval_transform`` is ``normalize_batch(eval_uint8(image))``: requests ran ``eval_uint8``, this
+        runs ``normalize_batch`` on the device, so uint8 (4x fewer bytes) is what crosses to the GPU.
+        """
         import torch
 
-        from shared.modeling import eval_transform
+        from shared.modeling.transforms import normalize_batch
 
-        batch = torch.stack([
-            eval_transform(img, image_size=self.meta["image_size"], mean=tuple(self.meta["mean"]),
-                           std=tuple(self.meta["std"]))
-            for img in images
-        ]).to(self.device)
-        with torch.inference_mode():
-            return torch.softmax(self.model(batch).float(), dim=1).cpu()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            batch = batch.pin_memory()
+        outputs = []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for part in batch.split(chunk):
+                x = normalize_batch(part.to(self.device, non_blocking=True), tuple(self.meta["mean"]),
+                                    tuple(self.meta["std"]))
+                logits = self.model(x.contiguous(memory_format=torch.channels_last))
+                outputs.append(torch.softmax(logits.float(), dim=1))
+        return torch.cat(outputs).cpu()
+
+
+def load_model(directory: Path, model_id: str, device: Any) -> LoadedModel:
+    import torch
+
+    from shared.modeling import load_model_artifact
+
+    model, meta = load_model_artifact(directory=directory, device=device)
+    model = model.to(memory_format=torch.channels_last)
+    loaded = LoadedModel(model_id=model_id, model=model, meta=meta, device=device)
+    # One pass now so the first request after a swap does not pay for kernel selection.
+    loaded.forward(torch.zeros(1, 3, loaded.image_size, loaded.image_size, dtype=torch.uint8), chunk=1)
+    return loaded
 
 
 def decode_upload(data: bytes, filename: str, max_pixels: int) -> Image.Image:
+    from shared.modeling.transforms import to_rgb
+
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-            return (ImageOps.exif_transpose(image) or image).convert("RGB")
+            image = to_rgb(ImageOps.exif_transpose(image) or image)
     except UnidentifiedImageError as exc:
         raise ApiError(415, "not_an_image", f"'{filename}' is not an image this service can read "
                        "(JPEG, PNG, WEBP, BMP, GIF or TIFF)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(422, "image_too_large", f"'{filename}' has too many pixels: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+        raise ApiError(422, "too_many_pixels", f"'{filename}' has too many pixels: {exc}") from exc
+    except Exception as exc:  # whatever a malformed file makes a decoder raise, it is the file's fault
         raise ApiError(422, "corrupt_image", f"'{filename}' is corrupt or truncated: {exc}") from exc
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ApiError(422, "bad_aspect_ratio", f"'{filename}' is {width}x{height}; the longer side may be at "
+                       f"most {MAX_ASPECT_RATIO} times the shorter one")
+    return image
+
+
+def prepare_images(files: list[tuple[str, Path]], *, image_size: int, max_pixels: int) -> Any:
+    """Decode and centre-crop uploaded files into a uint8 N x 3 x S x S tensor (the first half of eval_transform)."""
+    import torch
+
+    from shared.modeling.transforms import eval_uint8
+
+    return torch.stack([eval_uint8(decode_upload(path.read_bytes(), name, max_pixels), image_size)
+                        for name, path in files])
+
+
+@dataclass
+class _Work:
+    model: LoadedModel
+    inputs: Any  # uint8 N x 3 x S x S
+    future: Future
+
+
+class Ticket:
+    """An announced request; its ``submit`` also ends the announcement, in the same step."""
+
+    def __init__(self, batcher: "Batcher") -> None:
+        self.batcher = batcher
+        self.submitted = False
+
+    def submit(self, model: LoadedModel, inputs: Any) -> Future:
+        self.submitted = True
+        return self.batcher.submit(model, inputs, announced=True)
+
+
+class Batcher:
+    """The inference thread. Work for one model that is queued together runs as one forward pass.
+
+    It only waits (up to ``max_wait_s``) for more work when the batch is not full and requests are
+    still on their way (``expecting``), so a lone request never waits.
+    """
+
+    def __init__(self, *, max_batch: int, max_wait_s: float) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.largest_batch = 0
+        self._cond = threading.Condition()
+        self._queue: deque[_Work] = deque()
+        self._expected = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def expecting(self) -> Iterator["Ticket"]:
+        """Announce a request that will submit work soon (it is still uploading or decoding); while any
+        is announced, a batch that is not full waits for it (up to max_wait)."""
+        ticket = Ticket(self)
+        with self._cond:
+            self._expected += 1
+        try:
+            yield ticket
+        finally:
+            if not ticket.submitted:
+                with self._cond:
+                    self._expected -= 1
+                    self._cond.notify()
+
+    def submit(self, model: LoadedModel, inputs: Any, *, announced: bool = False) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if announced:
+                self._expected -= 1
+            if self._closed:
+                raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+            self._queue.append(_Work(model, inputs, future))
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _take(self, model: LoadedModel, batch: list[_Work], size: int) -> int:
+        """Move queued work for ``model`` that still fits into ``batch``; the rest keeps its place."""
+        keep: deque[_Work] = deque()
+        while self._queue:
+            work = self._queue.popleft()
+            if work.model is model and size + len(work.inputs) <= self.max_batch:
+                if work.future.set_running_or_notify_cancel():
+                    batch.append(work)
+                    size += len(work.inputs)
+            else:
+                keep.append(work)
+        self._queue = keep
+        return size
+
+    def _next_batch(self) -> list[_Work] | None:
+        with self._cond:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return None
+                head = self._queue.popleft()
+                if head.future.set_running_or_notify_cancel():
+                    break
+            batch, size = [head], len(head.inputs)
+            deadline = time.monotonic() + self.max_wait_s
+            while size < self.max_batch:
+                size = self._take(head.model, batch, size)
+                remaining = deadline - time.monotonic()
+                if size >= self.max_batch or self._expected == 0 or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _run(self) -> None:
+        import torch
+
+        while (batch := self._next_batch()) is not None:
+            started = time.perf_counter()
+            try:
+                inputs = batch[0].inputs if len(batch) == 1 else torch.cat([w.inputs for w in batch])
+                probs = batch[0].model.forward(inputs, chunk=self.max_batch)
+            except Exception as exc:  # the thread must outlive any one bad batch
+                log.exception("inference failed for a batch of %d requests", len(batch))
+                for work in batch:
+                    work.future.set_exception(exc)
+                continue
+            observe_predict_batch(size=len(inputs), seconds=time.perf_counter() - started)
+            self.largest_batch = max(self.largest_batch, len(inputs))
+            for work, rows in zip(batch, probs.split([len(w.inputs) for w in batch]), strict=True):
+                work.future.set_result(rows)
 
 
 class Predictor:
-    """A small LRU of loaded models. A model that is not loaded yet is loaded once, under a lock;
-    while the newest model loads in the background, requests keep being served by the current one."""
+    """A small LRU of loaded models plus the inference thread. While a newer model loads in the
+    background, requests keep being served by the current one; the swap is one reference assignment."""
 
     def __init__(self, settings: Settings, capacity: int = 3) -> None:
         self.settings = settings
         self.capacity = capacity
+        self.batcher = Batcher(max_batch=settings.predict_max_batch, max_wait_s=settings.predict_max_wait_ms / 1000)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Event] = {}
+        self._swapping: set[str] = set()
+        self._failed: dict[str, float] = {}
+        self._serving_id: tuple[float, str | None] | None = None
         self.active: str | None = None
+
+    def close(self) -> None:
+        self.batcher.close()
 
     def _device(self) -> Any:
         import torch
@@ -79,13 +273,29 @@ class Predictor:
         want = self.settings.device
         return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
-    def _load(self, model_id: str) -> LoadedModel:
-        from shared.modeling import load_model_artifact
+    def serving_id(self, lookup: Callable[[], str | None]) -> str | None:
+        """The id /predict should serve, read through ``lookup`` at most every SERVING_REFRESH_S."""
+        cached = self._serving_id
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < SERVING_REFRESH_S:
+            return cached[1]
+        try:
+            value = lookup()
+        except Exception:
+            if cached is None or cached[1] is None:
+                raise
+            log.warning("could not read the serving model id; still serving %s", cached[1], exc_info=True)
+            return cached[1]
+        self._serving_id = (now, value)
+        return value
 
-        directory: Path = model_dir(self.settings, model_id)
-        device = self._device()
-        model, meta = load_model_artifact(directory=directory, device=device)
-        return LoadedModel(model_id=model_id, model=model, meta=meta, device=device)
+    def forget_serving_id(self) -> None:
+        """Promote/unpin/delete in this process take effect on the next request."""
+        self._serving_id = None
+
+    def evict(self, model_id: str) -> None:
+        with self._lock:
+            self._models.pop(model_id, None)
 
     def get(self, model_id: str) -> LoadedModel:
         """The loaded model, loading it now if needed (blocking)."""
@@ -102,22 +312,26 @@ class Predictor:
             with self._lock:
                 if model_id in self._models:
                     return self._models[model_id]
-            raise ApiError(503, "model_unavailable", f"model {model_id} could not be loaded")
+            raise ApiError(503, "model_unavailable", f"model {model_id} could not be loaded; see the server log")
         try:
-            loaded = self._load(model_id)
+            loaded = load_model(model_dir(self.settings, model_id), model_id, self._device())
         except FileNotFoundError as exc:
             raise ApiError(503, "model_unavailable", f"model {model_id}'s files are missing") from exc
+        except Exception as exc:
+            log.exception("loading model %s failed", model_id)
+            raise ApiError(503, "model_unavailable", f"model {model_id} could not be loaded: {exc}") from exc
+        else:
+            with self._lock:
+                self._models[model_id] = loaded
+                while len(self._models) > self.capacity:
+                    victim = next((k for k in self._models if k not in (self.active, model_id)), None)
+                    if victim is None:
+                        break
+                    del self._models[victim]
         finally:
             with self._lock:
                 self._loading.pop(model_id, None)
             event.set()
-        with self._lock:
-            self._models[model_id] = loaded
-            while len(self._models) > self.capacity:
-                victim = next((k for k in self._models if k not in (self.active, model_id)), None)
-                if victim is None:
-                    break
-                del self._models[victim]
         return loaded
 
     def serving(self, wanted: str) -> LoadedModel:
@@ -125,18 +339,34 @@ class Predictor:
         with self._lock:
             ready = wanted in self._models
             active = self._models.get(self.active) if self.active else None
+            start = not ready and active is not None and wanted not in self._swapping and (
+                time.monotonic() - self._failed.get(wanted, -RETRY_FAILED_LOAD_S) >= RETRY_FAILED_LOAD_S)
+            if start:
+                self._swapping.add(wanted)
         if ready or active is None:
             loaded = self.get(wanted)
             self.active = wanted
             return loaded
-        if wanted not in self._loading:
+        if start:
             threading.Thread(target=self._swap_in, args=(wanted,), daemon=True, name=f"load-{wanted}").start()
         return active
 
     def _swap_in(self, model_id: str) -> None:
         try:
             self.get(model_id)
+        except Exception:
+            self._failed[model_id] = time.monotonic()
+            log.exception("background load of model %s failed; still serving %s", model_id, self.active)
+        else:
             self.active = model_id
             log.info("now serving model %s", model_id)
-        except Exception:
-            log.exception("background load of model %s failed", model_id)
+        finally:
+            with self._lock:
+                self._swapping.discard(model_id)
+
+
+def get_predictor(request: Request) -> Predictor:
+    return request.app.state.predictor
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]

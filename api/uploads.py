@@ -39,10 +39,12 @@ def too_large(limit_bytes: int) -> ApiError:
 
 
 class _Collector:
-    def __init__(self, spool_dir: Path, limit: int) -> None:
+    def __init__(self, spool_dir: Path, limit: int, body_limit: int) -> None:
         self.form = ParsedForm()
         self.spool_dir = spool_dir
         self.limit = limit
+        self.body_limit = body_limit
+        self.total = 0
         self.header_field = b""
         self.header_value = b""
         self.headers: dict[bytes, bytes] = {}
@@ -78,6 +80,9 @@ class _Collector:
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
         self.size += len(chunk)
+        self.total += len(chunk)
+        if self.total > self.body_limit:
+            raise too_large(self.body_limit)
         if self.handle is not None:
             if self.size > self.limit:
                 raise too_large(self.limit)
@@ -103,17 +108,20 @@ class _Collector:
         self.form.cleanup()
 
 
-async def receive_form(request: Request, *, spool_dir: Path, limit_bytes: int) -> ParsedForm:
+async def receive_form(request: Request, *, spool_dir: Path, limit_bytes: int,
+                       body_limit_bytes: int | None = None) -> ParsedForm:
     """Parse a multipart body chunk by chunk; files land in ``spool_dir``. 413 as soon as a file
-    passes ``limit_bytes`` (or at once when Content-Length already says it will)."""
+    passes ``limit_bytes`` or all parts together pass ``body_limit_bytes`` (default: ``limit_bytes``),
+    or at once when Content-Length already says so."""
+    body_limit = body_limit_bytes or limit_bytes
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise ApiError(415, "unsupported_media_type", "send the upload as multipart/form-data with a 'file' part")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit_bytes + 1024 * 1024:
-        raise too_large(limit_bytes)
+    if declared and declared.isdigit() and int(declared) > body_limit + 1024 * 1024:
+        raise too_large(body_limit)
     spool_dir.mkdir(parents=True, exist_ok=True)
-    collector = _Collector(spool_dir, limit_bytes)
+    collector = _Collector(spool_dir, limit_bytes, body_limit)
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": collector.on_part_begin, "on_part_data": collector.on_part_data,
         "on_part_end": collector.on_part_end, "on_header_field": collector.on_header_field,

@@ -1,77 +1,342 @@
-"""``tuneserve``: one command that starts every part of the service."""
+"""tuneserve: one command that starts every part of the service, and a client for a running API.
 
-import argparse
+Server verbs: migrate, api, worker, dev. Client verbs (talk to --url with --api-key):
+upload, train, status, predict.
+"""
+
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+FINAL = ("succeeded", "failed", "cancelled")
 
 
-def _migrate(_: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------- server verbs
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the newest revision."""
     from shared.migrate import upgrade
 
     upgrade()
-    return 0
 
 
-def _api(args: argparse.Namespace) -> int:
+def _serve(host: str, port: int, log_level: str) -> None:
     import uvicorn
 
-    uvicorn.run("api.main:app", host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
-    return 0
+    # The API logs JSON lines itself (one per request), so uvicorn's access log and log config stay off.
+    uvicorn.run("api.main:app", host=host, port=port, log_level=log_level, proxy_headers=True, log_config=None,
+                access_log=False)
 
 
-def _worker(args: argparse.Namespace) -> int:
+Host = Annotated[str, typer.Option("--host", help="interface to listen on")]
+Port = Annotated[int, typer.Option("--port", help="TCP port")]
+LogLevel = Annotated[str, typer.Option("--log-level", help="uvicorn log level")]
+
+
+@app.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
+    """Serve the HTTP API."""
+    _serve(host, port, log_level)
+
+
+@app.command()
+def worker(queues: Annotated[str, typer.Option("--queues", help="comma-separated: ingest, train")] = "ingest,train",
+           name: Annotated[str | None, typer.Option("--name", help="worker name prefix")] = None,
+           log_level: Annotated[str, typer.Option("--log-level")] = "INFO") -> None:
+    """Run a Celery worker (solo pool: one job at a time, one per GPU)."""
     from shared.celery_app import get_celery
 
-    argv = ["worker", "--pool=solo", "--concurrency=1", f"--queues={args.queues}", f"--loglevel={args.log_level}",
-            f"--hostname={args.name or 'tuneserve'}-{os.getpid()}@{socket.gethostname()}", "--without-gossip",
+    argv = ["worker", "--pool=solo", "--concurrency=1", f"--queues={queues}", f"--loglevel={log_level}",
+            f"--hostname={name or 'tuneserve'}-{os.getpid()}@{socket.gethostname()}", "--without-gossip",
             "--without-mingle"]
     get_celery().worker_main(argv)
-    return 0
 
 
-def _dev(args: argparse.Namespace) -> int:
-    """Embedded defaults: migrate, one local worker, the API; Ctrl-C stops both."""
-    _migrate(args)
-    worker = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train"])
+@app.command()
+def dev(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
+    """Migrate, then run the API and one worker (embedded defaults); Ctrl-C stops both."""
+    migrate()
+    child = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train"])
     try:
-        _api(args)
+        _serve(host, port, log_level)
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=30)
+                child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker.kill()
-    return 0
+                child.kill()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneserve", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("migrate", help="upgrade the database schema to the newest revision").set_defaults(
-        func=_migrate)
-    for name, func, help_text in (("api", _api, "serve the HTTP API"),
-                                  ("dev", _dev, "migrate, then run the API and one worker (embedded defaults)")):
-        sub = verbs.add_parser(name, help=help_text)
-        sub.add_argument("--host", default="127.0.0.1")
-        sub.add_argument("--port", type=int, default=8000)
-        sub.add_argument("--log-level", default="info")
-        sub.set_defaults(func=func)
-    worker = verbs.add_parser("worker", help="run a Celery worker (solo pool: one job at a time, one per GPU)")
-    worker.add_argument("--queues", default="ingest,train", help="comma-separated: ingest, train")
-    worker.add_argument("--name", default=None, help="worker name prefix")
-    worker.add_argument("--log-level", default="INFO")
-    worker.set_defaults(func=_worker)
-    return parser
+# --------------------------------------------------------------------------- client verbs
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+class Client:
+    def __init__(self, url: str, api_key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60, read=300))
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach {self.http.base_url}: {exc}; start it with `tuneserve dev` or pass --url", code=2)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                fail(f"{body.get('detail', response.text)} ({body.get('code', response.status_code)})")
+            except ValueError:
+                fail(f"HTTP {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def events(self, job_id: str, last_id: str | None) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(id, event, data) from the job's server-sent events; returns when the server closes the stream."""
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+            if response.status_code >= 400:
+                response.read()
+                fail(f"{response.json().get('detail')} ({response.json().get('code')})")
+            event_id, name, data = "", "message", ""
+            for line in response.iter_lines():
+                if not line:
+                    if data:
+                        yield event_id, name, json.loads(data)
+                    name, data = "message", ""
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
+                elif line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    data += line[5:].strip()
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main_options(ctx: typer.Context,
+                 url: Annotated[str, typer.Option("--url", envvar="TUNESERVE_URL", help="API base URL")
+                                ] = "http://127.0.0.1:8000",
+                 api_key: Annotated[str | None, typer.Option("--api-key", envvar="TUNESERVE_API_KEY",
+                                                             help="sent as 'Authorization: Bearer <key>'")] = None
+                 ) -> None:
+    ctx.obj = (url, api_key)
+
+
+def _client(ctx: typer.Context) -> Client:
+    return Client(*ctx.obj)
+
+
+@contextmanager
+def _archive(path: Path) -> Iterator[Path]:
+    """The archive to send: the file itself, or a zip of the folder written to a temp dir."""
+    if path.is_file():
+        yield path
+        return
+    if not path.is_dir():
+        fail(f"{path} is neither a folder of class sub-folders nor a .zip/.tar.gz archive")
+    with tempfile.TemporaryDirectory(prefix="tuneserve-") as tmp:
+        target = Path(tmp) / f"{path.resolve().name or 'dataset'}.zip"
+        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:  # images are compressed
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                archive.write(file, file.relative_to(path).as_posix())
+        yield target
+
+
+@app.command()
+def upload(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="folder of class sub-folders, or archive")],
+           name: Annotated[str | None, typer.Option(help="dataset name (default: the file name)")] = None,
+           wait: Annotated[bool, typer.Option(help="wait until ingestion finishes")] = True) -> None:
+    """Upload a dataset (a folder is zipped for you) and wait until it is ready."""
+    client = _client(ctx)
+    with _archive(path) as archive, archive.open("rb") as handle:
+        console.print(f"uploading {archive.name} ({archive.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+        dataset = client.call("POST", "/v1/datasets", files={"file": (archive.name, handle, "application/zip")},
+                              data={"name": name} if name else {})
+    console.print(f"dataset {dataset['id']} {dataset['status']}", highlight=False)
+    if not wait:
+        return
+    with console.status("ingesting"):
+        while dataset["status"] == "processing":
+            time.sleep(0.5)
+            dataset = client.call("GET", f"/v1/datasets/{dataset['id']}")
+    console.print(f"dataset {dataset['id']} {dataset['status']}", highlight=False)
+    table = Table()
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    for label, count in (dataset.get("class_counts") or {}).items():
+        table.add_row(label, str(count))
+    console.print(table)
+    console.print(f"{dataset['num_images']} images, {len(dataset['rejected'])} rejected", highlight=False)
+    if dataset["status"] != "ready":
+        fail(f"ingestion failed: {dataset.get('error')} ({dataset.get('error_code')})")
+
+
+def _parse_param(raw: str) -> tuple[str, Any]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        fail(f"--param '{raw}' must look like key=value, e.g. --param optimizer=sgd")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+@app.command()
+def train(ctx: typer.Context, dataset: Annotated[str, typer.Argument(help="dataset id")],
+          epochs: Annotated[int | None, typer.Option(help="epochs")] = None,
+          base_model: Annotated[str | None, typer.Option(help="resnet18/34/50/101")] = None,
+          image_size: Annotated[int | None, typer.Option(help="input side in pixels")] = None,
+          batch_size: Annotated[int | None, typer.Option(help="images per step")] = None,
+          learning_rate: Annotated[float | None, typer.Option(help="head learning rate")] = None,
+          weights: Annotated[str | None, typer.Option(help="imagenet, none, or a file in WEIGHTS_DIR")] = None,
+          param: Annotated[list[str] | None, typer.Option("--param", "-p", help="any hyperparameter: key=value")
+                           ] = None,
+          follow: Annotated[bool, typer.Option(help="follow progress until the job ends")] = True) -> None:
+    """Start a fine-tuning job and follow it with a live progress bar until it ends."""
+    client = _client(ctx)
+    named = {"epochs": epochs, "base_model": base_model, "image_size": image_size, "batch_size": batch_size,
+             "learning_rate": learning_rate, "weights": weights}
+    hyperparameters = {k: v for k, v in named.items() if v is not None} | dict(map(_parse_param, param or []))
+    job = client.call("POST", "/v1/jobs", json={"dataset_id": dataset, "hyperparameters": hyperparameters})
+    console.print(f"job {job['id']} {job['status']}", highlight=False)
+    if follow:
+        _follow(client, job["id"])
+
+
+def _follow(client: Client, job_id: str) -> None:
+    status, last_id = "queued", None
+    live = console.is_terminal
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not live) as bar:
+        task = bar.add_task("queued", total=None, detail="")
+        while status not in FINAL:
+            try:
+                for event_id, name, data in client.events(job_id, last_id):
+                    last_id = event_id
+                    status = _on_event(bar, task, name, data, status, live)
+            except httpx.TransportError as exc:  # dropped stream: reconnect; the snapshot makes us whole
+                console.print(f"stream interrupted ({type(exc).__name__}); reconnecting", highlight=False)
+                time.sleep(1)
+    final = client.call("GET", f"/v1/jobs/{job_id}")
+    test = ((final.get("metrics") or {}).get("test") or {})
+    summary = f"job {job_id} {final['status']}"
+    if final.get("model_id"):
+        summary += f" · model {final['model_id']}"
+    if "accuracy" in test:
+        summary += f" · test accuracy {test['accuracy']:.3f}"
+    console.print(summary, highlight=False)
+    if final["status"] != "succeeded":
+        fail(f"job ended {final['status']}: {final.get('error') or 'no error recorded'}")
+
+
+def _on_event(bar: Progress, task: Any, name: str, data: dict[str, Any], status: str, live: bool) -> str:
+    if name == "snapshot":
+        status = data["status"]
+        for epoch in data.get("history") or []:
+            console.print(_epoch_line(epoch), highlight=False)
+        data = data["progress"]
+        name = "progress"
+    if name == "progress" and data.get("epochs"):
+        steps, epochs = max(1, data.get("steps") or 1), data["epochs"]
+        done = (data.get("epoch", 1) - 1) * steps + data.get("step", 0)
+        rate, eta = data.get("images_per_second"), data.get("eta_seconds")
+        detail = (f"epoch {data.get('epoch')}/{epochs} step {data.get('step')}/{steps}"
+                  + (f" · {rate:.1f} img/s" if rate else "") + (f" · ETA {eta:.0f}s" if eta is not None else ""))
+        bar.update(task, total=epochs * steps, completed=done, description=status, detail=detail)
+        if not live:
+            console.print(f"progress {100 * done / (epochs * steps):5.1f}% {detail}", highlight=False)
+    elif name == "epoch":
+        console.print(_epoch_line(data["metrics"]), highlight=False)
+    elif name in ("state", "end"):
+        status = data["status"]
+        bar.update(task, description=status)
+        if name == "state":
+            console.print(f"state {data['previous']} -> {status}", highlight=False)
+    return status
+
+
+def _epoch_line(m: dict[str, Any]) -> str:
+    parts = [f"epoch {m.get('epoch')}"]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        if isinstance(m.get(key), int | float):
+            parts.append(f"{key} {m[key]:.4f}")
+    return " · ".join(parts)
+
+
+@app.command()
+def status(ctx: typer.Context, job: Annotated[str, typer.Argument(help="job id")]) -> None:
+    """Show a job: state, progress, per-epoch history, result."""
+    body = _client(ctx).call("GET", f"/v1/jobs/{job}")
+    progress = body["progress"]
+    console.print(f"job {body['id']} [bold]{body['status']}[/bold] · dataset {body['dataset_id']} · "
+                  f"attempts {body['attempts']}", highlight=False)
+    if progress.get("epochs"):
+        console.print(f"epoch {progress['epoch']}/{progress['epochs']} step {progress['step']}/{progress['steps']}"
+                      f" · {progress.get('images_per_second') or 0:.1f} img/s", highlight=False)
+    if body["history"]:
+        table = Table(title="history")
+        keys = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+        for key in keys:
+            table.add_column(key, justify="right")
+        for row in body["history"]:
+            table.add_row(*(f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys))
+        console.print(table)
+    if body.get("model_id"):
+        console.print(f"model {body['model_id']}", highlight=False)
+    if body.get("error"):
+        console.print(f"[red]error[/red] {body['error']} ({body.get('error_code')})", highlight=False)
+
+
+@app.command()
+def predict(ctx: typer.Context, images: Annotated[list[Path], typer.Argument(help="image files", exists=True,
+                                                                              dir_okay=False)],
+            top_k: Annotated[int, typer.Option(help="labels per image")] = 3,
+            model: Annotated[str | None, typer.Option(help="model id (default: the one in service)")] = None
+            ) -> None:
+    """Classify images with the model in service and print a table."""
+    files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in images]
+    data = {"top_k": str(top_k)} | ({"model_id": model} if model else {})
+    body = _client(ctx).call("POST", "/v1/predict", files=files, data=data)
+    table = Table(title=f"model {body['model_id']}")
+    table.add_column("image")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    table.add_column("others")
+    for prediction in body["predictions"]:
+        best, *rest = prediction["top"]
+        table.add_row(prediction["filename"], best["label"], f"{best['score']:.3f}",
+                      ", ".join(f"{s['label']} {s['score']:.3f}" for s in rest))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; exits with the verb's status."""
+    app(args=argv, prog_name="tuneserve")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

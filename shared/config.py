@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     max_upload_mb: int = Field(2048, gt=0)
     max_image_mb: int = Field(20, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Tests only: gpus=N on a CPU worker runs N gloo processes instead of failing with not_enough_gpus.
+    ddp_on_cpu: bool = False
     weights_dir: Path | None = None
     cache_size: int = Field(256, ge=32, le=1024)
     min_images_per_class: int = Field(5, ge=1)

@@ -8,12 +8,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FreezePolicy = Annotated[str, Field(pattern=r"^(none|backbone|stages:[0-4])$")]
 
 
-class Hyperparameters(BaseModel):
-    """Defaults are tuned for accuracy within the epochs and image size the user picks.
+# The classic Keras-era recipe: pretrained ResNet-50, GAP, Dense 1024 + ReLU, Dense num_classes, Adam 1e-4,
+# batch 32, 10 epochs, no augmentation, fp32. Sending exactly these hyperparameters reproduces it.
+CLASSIC_RECIPE: dict[str, object] = {
+    "base_model": "resnet50", "weights": "imagenet", "head": "mlp", "dropout": 0.0, "optimizer": "adam",
+    "learning_rate": 1e-4, "backbone_lr_factor": 1.0, "weight_decay": 0.0, "lr_schedule": "constant",
+    "batch_size": 32, "epochs": 10, "augment": "none", "label_smoothing": 0.0, "mixed_precision": "off",
+    "channels_last": False,
+}
 
-    The classic recipe is one request away: ``{"optimizer": "adam", "learning_rate": 1e-4,
-    "batch_size": 32, "epochs": 10, "lr_schedule": "constant", "augment": "none",
-    "backbone_lr_factor": 1.0, "weight_decay": 0, "label_smoothing": 0}``.
+
+class Hyperparameters(BaseModel):
+    """Defaults are the modern fine-tuning recipe and scale with the epochs the user sets: AdamW at 1e-3
+    for the head with the pretrained backbone at 0.1x (discriminative lr), weight decay 0.05 (none on
+    norms and biases), cosine decay after a warmup of min(1, epochs / 10) epochs, label smoothing 0.1,
+    random-resized-crop + flip, mixed precision where the hardware has it, channels_last.
+
+    The classic recipe is one request away (``CLASSIC_RECIPE``): ``{"optimizer": "adam",
+    "learning_rate": 1e-4, "backbone_lr_factor": 1.0, "weight_decay": 0, "lr_schedule": "constant",
+    "augment": "none", "label_smoothing": 0, "dropout": 0, "mixed_precision": "off",
+    "channels_last": false, "batch_size": 32, "epochs": 10}`` (base_model resnet50, head mlp and
+    weights imagenet are already the defaults).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -27,7 +42,7 @@ class Hyperparameters(BaseModel):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.05, ge=0, le=1)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0, le=100)
+    warmup_epochs: float | None = Field(None, ge=0, le=100)  # None: min(1, epochs / 10)
     image_size: int = Field(224, ge=32, le=640)
     freeze: FreezePolicy = "none"
     head: Literal["mlp", "linear"] = "mlp"
@@ -45,6 +60,8 @@ class Hyperparameters(BaseModel):
     test_fraction: float = Field(0.15, ge=0, lt=0.5)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_minutes: float | None = Field(None, gt=0, le=60 * 24 * 14)
+    # DistributedDataParallel over this many GPUs of the worker's host. batch_size is per GPU: one step
+    # trains batch_size x gpus images (the learning rate is not rescaled).
     gpus: int | Literal["all"] = 1
 
     @field_validator("weights")
@@ -72,6 +89,11 @@ class Hyperparameters(BaseModel):
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
         return self
+
+    @property
+    def effective_warmup_epochs(self) -> float:
+        # A whole epoch of warmup would eat a short run; a tenth of the run keeps the cosine useful.
+        return min(1.0, self.epochs / 10) if self.warmup_epochs is None else self.warmup_epochs
 
     @property
     def freeze_stages(self) -> int:

@@ -4,14 +4,22 @@ Nothing is written from an archive path, so zip-slip is impossible by constructi
 try it are still refused loudly because an upload carrying them is hostile or broken.
 """
 
+import contextlib
 import stat
 import tarfile
+import unicodedata
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from gzip import GzipFile
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+# tarfile reads pax and GNU long-name records whole; no honest one comes near this.
+MAX_TAR_RECORD = 64 * 2**20
+CHUNK = 1 << 20
 
 
 class ArchiveError(ValueError):
@@ -26,29 +34,113 @@ class Entry:
     size: int
 
 
+@dataclass(frozen=True)
+class Member:
+    """One file read from the archive: its bytes, or why it could not be read."""
+
+    path: str
+    data: bytes
+    problem: str | None = None
+
+
 def detect_format(path: Path) -> str | None:
-    if zipfile.is_zipfile(path):
+    """zip, tar.gz or tar by magic bytes (the same test the API applies to the upload)."""
+    with path.open("rb") as handle:
+        head = handle.read(262)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
-    try:
-        with tarfile.open(path, "r:*"):
-            return "tar"
-    except (tarfile.TarError, OSError, EOFError):
-        return None
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return None
 
 
-def _check_name(name: str) -> str:
-    clean = name.replace("\\", "/")
-    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
-        raise ArchiveError(f"archive entry '{name}' has an absolute path", "unsafe_archive")
-    parts = PurePosixPath(clean).parts
+def clean_name(raw: str) -> str:
+    """The entry's path as stored in reports; raises ArchiveError for absolute or climbing paths."""
+    # Non-UTF-8 tar names arrive with surrogates, which neither JSON nor Postgres can store; macOS
+    # writes decomposed (NFD) names, which would not match the same name typed in labels.csv.
+    text = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\x00", "\ufffd")
+    text = unicodedata.normalize("NFC", text).replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[0].isalpha() and text[1] == ":"):
+        raise ArchiveError(f"archive entry '{text}' has an absolute path", "unsafe_archive")
+    parts = PurePosixPath(text).parts
     if ".." in parts:
-        raise ArchiveError(f"archive entry '{name}' climbs out of the archive with '..'", "unsafe_archive")
+        raise ArchiveError(f"archive entry '{text}' climbs out of the archive with '..'", "unsafe_archive")
     return "/".join(p for p in parts if p not in ("", "."))
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    name = info.filename
+    if not info.flag_bits & 0x800:
+        # Most zip tools store UTF-8 names without setting the UTF-8 flag; zipfile then decodes cp437.
+        with contextlib.suppress(UnicodeError):
+            name = name.encode("cp437").decode("utf-8")
+    return clean_name(name)
 
 
 def is_ignored(path: str) -> bool:
     parts = path.split("/")
     return parts[0] == "__MACOSX" or parts[-1] in IGNORED_NAMES or any(p.startswith(".") for p in parts)
+
+
+def zip_declared_entries(path: Path) -> int:
+    """The entry count in the zip's end record, read before zipfile parses (and holds) the whole directory."""
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - (22 + 65535)))
+        tail = handle.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) < end + 12:
+            return 0
+        count = int.from_bytes(tail[end + 10:end + 12], "little")
+        locator = end - 20
+        if count == 0xFFFF and locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+            handle.seek(int.from_bytes(tail[locator + 8:locator + 16], "little"))
+            record = handle.read(40)
+            if record[:4] == b"PK\x06\x06":
+                count = int.from_bytes(record[32:40], "little")
+        return count
+
+
+class _CappedStream:
+    """The decompressed tar stream, refusing to go past ``limit`` bytes before it produces them.
+
+    tarfile reads headers, pax records and the members it skips through this, so every byte the
+    archive expands to is counted, whatever its headers claim.
+    """
+
+    def __init__(self, raw: BinaryIO, limit: int, too_large: "ArchiveError") -> None:
+        self.raw = raw
+        self.limit = limit
+        self.too_large = too_large
+        self.position = 0
+
+    def _allow(self, end: int) -> None:
+        if end > self.limit:
+            raise self.too_large
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise OSError("unbounded reads are not supported")
+        if size > MAX_TAR_RECORD:
+            raise ArchiveError(f"the archive asks to read a {size}-byte record in one piece; it is malformed "
+                               "or hostile", "unsafe_archive")
+        self._allow(self.position + size)
+        data = self.raw.read(size)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise OSError("only absolute seeks are supported")
+        self._allow(offset)
+        self.position = self.raw.seek(offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
 
 
 class ArchiveReader:
@@ -67,75 +159,121 @@ class ArchiveReader:
             raise ArchiveError("the upload is not a zip, tar or tar.gz archive", "not_an_archive")
         self.format = fmt
 
-    def entries(self) -> list[Entry]:
-        found: list[Entry] = []
-        if self.format == "zip":
-            with zipfile.ZipFile(self.path) as archive:
-                infos = archive.infolist()
-                self._check_count(len(infos))
-                for info in infos:
-                    name = _check_name(info.filename)
-                    if info.flag_bits & 0x1:
-                        raise ArchiveError(f"archive entry '{info.filename}' is encrypted", "unsafe_archive")
-                    mode = info.external_attr >> 16
-                    if stat.S_ISLNK(mode):
-                        raise ArchiveError(f"archive entry '{info.filename}' is a symlink", "unsafe_archive")
-                    if info.is_dir() or not name or is_ignored(name):
-                        continue
-                    found.append(Entry(name, info.file_size))
-        else:
-            with tarfile.open(self.path, "r:*") as archive:
-                count = 0
-                for member in archive:
-                    count += 1
-                    self._check_count(count)
-                    name = _check_name(member.name)
-                    if member.issym() or member.islnk():
-                        raise ArchiveError(f"archive entry '{member.name}' is a link", "unsafe_archive")
-                    if member.isdev():
-                        raise ArchiveError(f"archive entry '{member.name}' is a device file", "unsafe_archive")
-                    if not member.isfile() or not name or is_ignored(name):
-                        continue
-                    found.append(Entry(name, member.size))
-        return found
+    def _too_large(self) -> ArchiveError:
+        return ArchiveError(f"the archive expands to more than {self.max_bytes // 2**20} MiB "
+                            "(TUNESERVE_MAX_ARCHIVE_MB); it may be a decompression bomb", "archive_too_large")
 
     def _check_count(self, count: int) -> None:
         if count > self.max_entries:
-            raise ArchiveError(
-                f"the archive has more than {self.max_entries} entries (TUNESERVE_MAX_ARCHIVE_ENTRIES)",
-                "archive_too_large",
-            )
+            raise ArchiveError(f"the archive has more than {self.max_entries} entries "
+                               "(TUNESERVE_MAX_ARCHIVE_ENTRIES); split it into smaller uploads", "archive_too_large")
 
-    def _take(self, chunk: bytes) -> None:
-        self.bytes_read += len(chunk)
-        if self.bytes_read > self.max_bytes:
-            raise ArchiveError(
-                f"the archive expands to more than {self.max_bytes // 2**20} MiB "
-                "(TUNESERVE_MAX_ARCHIVE_MB); it may be a decompression bomb",
-                "archive_too_large",
-            )
+    def entries(self) -> list[Entry]:
+        """Every regular file, minus system clutter; raises ArchiveError on the first unsafe entry."""
+        return list(self._zip_entries() if self.format == "zip" else self._tar_entries())
 
-    def _read_stream(self, stream) -> bytes:  # type: ignore[no-untyped-def]
-        chunks = []
-        while chunk := stream.read(1 << 20):
-            self._take(chunk)
+    def _open_zip(self) -> zipfile.ZipFile:
+        self._check_count(zip_declared_entries(self.path))
+        try:
+            archive = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise ArchiveError(f"the zip archive is corrupt: {exc}", "corrupt_archive") from exc
+        self._check_count(len(archive.infolist()))
+        return archive
+
+    def _zip_entries(self) -> Iterator[Entry]:
+        with self._open_zip() as archive:
+            for info in archive.infolist():
+                name = _zip_name(info)
+                if info.flag_bits & 0x1:
+                    raise ArchiveError(f"archive entry '{name}' is encrypted", "unsafe_archive")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ArchiveError(f"archive entry '{name}' is a symlink", "unsafe_archive")
+                if info.is_dir() or not name or is_ignored(name):
+                    continue
+                if info.compress_type not in ZIP_METHODS:
+                    raise ArchiveError(f"archive entry '{name}' uses zip compression method {info.compress_type}, "
+                                       "which is not supported; re-create the archive with standard zip (deflate)",
+                                       "unsupported_archive")
+                yield Entry(name, info.file_size)
+
+    def _open_tar(self) -> tarfile.TarFile:
+        raw: BinaryIO = GzipFile(self.path) if self.format == "tar.gz" else self.path.open("rb")
+        try:
+            return tarfile.open(fileobj=_CappedStream(raw, self.max_bytes, self._too_large()), mode="r:")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raw.close()
+            raise ArchiveError(f"the tar archive is corrupt: {exc}", "corrupt_archive") from exc
+        except BaseException:
+            raw.close()
+            raise
+
+    def _walk_tar(self) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+        archive = self._open_tar()
+        try:
+            for count, member in enumerate(archive, 1):
+                self._check_count(count)
+                yield archive, member
+        except (tarfile.TarError, EOFError, OSError) as exc:  # truncated or corrupt gzip / tar stream
+            raise ArchiveError(f"the tar archive is corrupt or truncated: {exc}", "corrupt_archive") from exc
+        finally:
+            archive.close()
+            archive.fileobj.raw.close()  # type: ignore[union-attr]
+
+    def _tar_entries(self) -> Iterator[Entry]:
+        for _, member in self._walk_tar():
+            name = clean_name(member.name)
+            if member.issym() or member.islnk():
+                raise ArchiveError(f"archive entry '{name}' is a link", "unsafe_archive")
+            if member.isdev():
+                raise ArchiveError(f"archive entry '{name}' is a device file", "unsafe_archive")
+            if member.isfile() and name and not is_ignored(name):
+                yield Entry(name, member.size)
+
+    def _read_stream(self, stream: BinaryIO, limit: int) -> bytes | None:
+        """The whole member, or None once it passes ``limit`` (its header may have claimed less)."""
+        chunks, size = [], 0
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            self.bytes_read += len(chunk)
+            if self.bytes_read > self.max_bytes:
+                raise self._too_large()
+            if size > limit:
+                return None
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def iter_files(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
-        """Yield (path, bytes) for each wanted regular file, in archive order."""
+    def _member(self, name: str, declared: int, stream_opener, limit: int) -> Member:  # type: ignore[no-untyped-def]
+        too_big = f"larger than {limit // 2**20} MiB (TUNESERVE_MAX_IMAGE_MB)"
+        if declared > limit:
+            return Member(name, b"", too_big)
+        with stream_opener() as stream:
+            data = self._read_stream(stream, limit)
+        return Member(name, b"", too_big) if data is None else Member(name, data)
+
+    def read_files(self, wanted: set[str], *, max_file_bytes: int) -> Iterator[Member]:
+        """Each wanted regular file once, in archive order; files over ``max_file_bytes`` are not read."""
+        seen: set[str] = set()
         if self.format == "zip":
-            with zipfile.ZipFile(self.path) as archive:
+            with self._open_zip() as archive:
                 for info in archive.infolist():
-                    name = _check_name(info.filename)
-                    if name in wanted and not info.is_dir():
-                        with archive.open(info) as stream:
-                            yield name, self._read_stream(stream)
-        else:
-            with tarfile.open(self.path, "r:*") as archive:
-                for member in archive:
-                    name = _check_name(member.name)
-                    if name in wanted and member.isfile():
-                        stream = archive.extractfile(member)
-                        if stream is not None:
-                            yield name, self._read_stream(stream)
+                    name = _zip_name(info)
+                    if name not in wanted or name in seen or info.is_dir():
+                        continue
+                    seen.add(name)
+                    try:
+                        yield self._member(name, info.file_size, lambda i=info: archive.open(i), max_file_bytes)
+                    except ArchiveError:
+                        raise
+                    except Exception as exc:  # bad CRC, broken deflate/bzip2/lzma data: only this entry is lost
+                        yield Member(name, b"", f"corrupt archive entry: {exc}")
+            return
+        for archive, member in self._walk_tar():
+            name = clean_name(member.name)
+            if name not in wanted or name in seen or not member.isfile():
+                continue
+            seen.add(name)
+            yield self._member(name, member.size, lambda m=member, a=archive: a.extractfile(m), max_file_bytes)
+
+    def read_file(self, path: str, *, max_file_bytes: int) -> Member:
+        return next(self.read_files({path}, max_file_bytes=max_file_bytes))

@@ -1,55 +1,48 @@
 """Decode one uploaded image into the RGB square stored in the dataset cache."""
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared.modeling.transforms import center_square
+from shared.modeling.transforms import center_square, to_rgb
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Only these decoders ever see user bytes: a file named .jpg may be anything Pillow can open,
+# and some plugins (EPS) would hand it to an external program. Camera MPO files open through JPEG.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageRejected(ValueError):
     pass
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        high = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / max(high, 255.0))).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def decode_image(data: bytes, *, side: int, max_pixels: int, min_side: int) -> np.ndarray:
-    """bytes -> uint8 HxWx3 square of ``side``; raises ImageRejected with a reason a user can act on."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    """bytes -> uint8 ``side`` x ``side`` x 3 square; raises ImageRejected with a reason a user can act on."""
+    # The limit is checked here, from the header, before a single pixel is decoded. Pillow's own
+    # process-wide MAX_IMAGE_PIXELS stays a backstop: setting it per call would leak into other threads
+    # and into the predictor's process.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > max_pixels:
-                    raise ImageRejected(
-                        f"{image.width}x{image.height} exceeds the {max_pixels} pixel limit"
-                    )
-                image.seek(0)
-                image.load()
-                image = ImageOps.exif_transpose(image) or image
-                if min(image.size) < min_side:
-                    raise ImageRejected(f"{image.width}x{image.height} is smaller than {min_side} px")
-                rgb = _to_rgb(image)
-                return np.asarray(center_square(rgb, side), dtype=np.uint8)
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(f"{width}x{height} exceeds the {max_pixels} pixel limit "
+                                    "(TUNESERVE_MAX_IMAGE_PIXELS); it may be a decompression bomb")
+            if min(width, height) < min_side:
+                raise ImageRejected(f"{width}x{height} is smaller than {min_side} px on its shorter side")
+            image.seek(0)
+            # A JPEG can decode straight at 1/2, 1/4 or 1/8 scale; draft keeps both sides >= side.
+            image.draft("RGB", (side, side))
+            image.load()
+            upright = ImageOps.exif_transpose(image) or image
+            return np.asarray(center_square(to_rgb(upright), side), dtype=np.uint8)
     except ImageRejected:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageRejected(f"decompression bomb refused: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageRejected("not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("not a JPEG, PNG, WEBP, BMP, GIF or TIFF image") from exc
+    except (OSError, SyntaxError, EOFError) as exc:
         raise ImageRejected(f"corrupt or truncated image: {exc}") from exc
+    except Exception as exc:  # decoders raise many types on hostile bytes; one bad file must not end the dataset
+        raise ImageRejected(f"could not decode the image: {type(exc).__name__}: {exc}") from exc

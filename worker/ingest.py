@@ -3,10 +3,13 @@
 import hashlib
 import logging
 import os
+import shutil
 import time
-from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 from sqlalchemy import update
@@ -14,142 +17,209 @@ from sqlalchemy import update
 from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.orm import Dataset, utcnow
-from shared.storage import atomic_dir, dataset_cache, dataset_upload, write_json
-from worker.archive import ArchiveError, ArchiveReader
+from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, write_json
+from worker.archive import ArchiveError, ArchiveReader, Member
 from worker.images import ImageRejected, decode_image
 from worker.layout import resolve_layout
 
 log = logging.getLogger(__name__)
 
 SPLIT_CODES = {None: -1, "train": 0, "val": 1, "test": 2}
+MANIFEST_MAX_BYTES = 64 * 2**20
+PROGRESS_SECONDS = 1.0  # how often processed/total is written to the row while decoding
+# Rows kept in the database for the UI; the counts in the report are always complete.
+LIST_LIMIT = 1000
+GROUP_LIMIT = 100
 
 
 class DatasetInvalid(ValueError):
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str, rejected: list[dict[str, str]]) -> None:
         super().__init__(message)
         self.code = code
+        self.rejected = rejected
 
 
-def _set(dataset_id: str, **values: Any) -> None:
+def _set(dataset_id: str, **values: Any) -> bool:
+    """Update a dataset that is still processing; False if it was deleted or finished meanwhile."""
     with session_scope() as session:
-        session.execute(
+        result = session.execute(
             update(Dataset)
             .where(Dataset.id == dataset_id, Dataset.status == "processing")
             .values(updated_at=utcnow(), **values)
         )
+        return result.rowcount == 1
+
+
+def _status(dataset_id: str) -> str | None:
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        return None if dataset is None else dataset.status
+
+
+def _discard_if_deleted(settings: Settings, dataset_id: str) -> None:
+    """A DELETE while we worked removed the row and files; remove what we wrote after it."""
+    if _status(dataset_id) in (None, "deleted"):
+        log.info("dataset %s was deleted during ingestion; removing its files", dataset_id)
+        shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)
 
 
 def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None:
     """Build the dataset's cache and report; the row ends ``ready`` or ``failed`` with a reason."""
     settings = settings or get_settings()
-    with session_scope() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None or dataset.status != "processing":
-            log.info("dataset %s is not processing; nothing to do", dataset_id)
-            return
+    if _status(dataset_id) != "processing":
+        log.info("dataset %s is not processing; nothing to do", dataset_id)
+        return
     try:
         result = build_cache(dataset_id=dataset_id, settings=settings)
     except (ArchiveError, DatasetInvalid) as exc:
         log.warning("dataset %s failed: %s", dataset_id, exc)
-        _set(dataset_id, status="failed", error=str(exc), error_code=exc.code,
-             rejected=getattr(exc, "rejected", []))
+        if not _set(dataset_id, status="failed", error=str(exc), error_code=exc.code,
+                    rejected=getattr(exc, "rejected", [])[:LIST_LIMIT]):
+            _discard_if_deleted(settings, dataset_id)
         return
     except Exception as exc:
+        if not _set(dataset_id, status="failed", error=f"ingestion failed: {type(exc).__name__}: {exc}",
+                    error_code="ingest_error"):
+            _discard_if_deleted(settings, dataset_id)  # its files may have vanished under us: not a failure
+            return
         log.exception("dataset %s failed unexpectedly", dataset_id)
-        _set(dataset_id, status="failed", error=f"ingestion failed: {exc}", error_code="ingest_error")
         raise
-    _set(dataset_id, status="ready", error=None, error_code=None, **result)
+    if not _set(dataset_id, status="ready", error=None, error_code=None, **result):
+        _discard_if_deleted(settings, dataset_id)
+
+
+def worker_count() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_members(members: Iterator[Member], *, settings: Settings, workers: int
+                   ) -> Iterator[tuple[str, np.ndarray | str, str]]:
+    """(path, square or rejection reason, sha256) in archive order, decoded on ``workers`` threads.
+
+    Pillow and hashlib release the GIL while they work, so threads use every core without copying
+    images between processes. At most a few images per thread are in memory at once.
+    """
+    side, pixels, min_side = settings.cache_size, settings.max_image_pixels, settings.min_image_side
+
+    def work(member: Member) -> tuple[str, np.ndarray | str, str]:
+        if member.problem:
+            return member.path, member.problem, ""
+        digest = hashlib.sha256(member.data).hexdigest()
+        try:
+            return member.path, decode_image(member.data, side=side, max_pixels=pixels, min_side=min_side), digest
+        except ImageRejected as exc:
+            return member.path, str(exc), digest
+
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        for member in members:
+            pending.append(pool.submit(work, member))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class ImageStore:
+    """images.npy written row by row; the header is rewritten with the final count at the end, so
+    rejected images leave no holes and the data is written once."""
+
+    def __init__(self, path: Path, *, capacity: int, side: int) -> None:
+        self.side = side
+        self.count = 0
+        self.handle: BinaryIO = path.open("wb")
+        self.data_offset = self._header(capacity)
+
+    def _header(self, count: int) -> int:
+        self.handle.seek(0)
+        np.lib.format.write_array_header_1_0(
+            self.handle, {"descr": "|u1", "fortran_order": False, "shape": (count, self.side, self.side, 3)})
+        return self.handle.tell()
+
+    def append(self, square: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(square, dtype=np.uint8).tobytes())
+        self.count += 1
+
+    def close(self) -> None:
+        # numpy pads the header for any row count, so rewriting it never moves the data.
+        if self._header(self.count) != self.data_offset:
+            raise RuntimeError("npy header changed length; the cache would be misaligned")
+        self.handle.truncate(self.data_offset + self.count * self.side * self.side * 3)
+        self.handle.close()
 
 
 def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
-    reader = ArchiveReader(
-        dataset_upload(settings, dataset_id),
-        max_entries=settings.max_archive_entries,
-        max_bytes=settings.max_archive_mb * 2**20,
-    )
+    started = time.monotonic()
+    reader = ArchiveReader(dataset_upload(settings, dataset_id), max_entries=settings.max_archive_entries,
+                           max_bytes=settings.max_archive_mb * 2**20)
     paths = [e.path for e in reader.entries()]
-
-    def read_one(path: str) -> bytes:
-        return next(data for _, data in reader.iter_files({path}))
-
-    layout = resolve_layout(paths, read_one)
+    layout = resolve_layout(paths, lambda p: reader.read_file(p, max_file_bytes=MANIFEST_MAX_BYTES).data)
     rejected = list(layout.rejected)
     wanted = {path: (label, split) for path, label, split in layout.items}
+    # Fail before decoding anything when the layout alone already says what is wrong.
+    _validate(Counter(label for label, _ in wanted.values()), settings, rejected, enough=False)
     total = len(wanted)
-    side = settings.cache_size
-    slots = {path: i for i, path in enumerate(wanted)}
+    _set(dataset_id, progress={"processed": 0, "total": total})
+    kept: list[str] = []
     hashes: dict[str, str] = {}
-    last_report = 0.0
-
-    def work(item: tuple[str, bytes]) -> tuple[str, np.ndarray | str, str]:
-        path, data = item
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            return path, decode_image(data, side=side, max_pixels=settings.max_image_pixels,
-                                      min_side=settings.min_image_side), digest
-        except ImageRejected as exc:
-            return path, str(exc), digest
+    last_report = time.monotonic()
 
     with atomic_dir(dataset_cache(settings, dataset_id)) as tmp:
-        # Decoded squares go straight to disk so memory stays flat however large the dataset is.
-        raw = np.lib.format.open_memmap(tmp / "raw.npy", mode="w+", dtype=np.uint8,
-                                        shape=(max(total, 1), side, side, 3))
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            stream = pool.map(work, reader.iter_files(set(wanted)))
-            for done, (path, outcome, digest) in enumerate(stream, 1):
+        store = ImageStore(tmp / "images.npy", capacity=total, side=settings.cache_size)
+        members = reader.read_files(set(wanted), max_file_bytes=settings.max_image_mb * 2**20)
+        try:
+            for done, (path, outcome, digest) in enumerate(
+                    decode_members(members, settings=settings, workers=worker_count()), 1):
                 if isinstance(outcome, str):
                     rejected.append({"path": path, "reason": outcome})
                 else:
-                    raw[slots[path]] = outcome
+                    store.append(outcome)
+                    kept.append(path)
                     hashes[path] = digest
-                if time.monotonic() - last_report > 1.0:
+                if time.monotonic() - last_report >= PROGRESS_SECONDS:
                     last_report = time.monotonic()
                     _set(dataset_id, progress={"processed": done, "total": total})
-
-        kept = [p for p, _, _ in layout.items if p in hashes]
+        finally:
+            store.close()
         counts = Counter(wanted[p][0] for p in kept)
-        _validate(counts, settings, rejected)
+        _validate(counts, settings, rejected, enough=True)
         classes = sorted(counts)
         index = {c: i for i, c in enumerate(classes)}
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(kept), side, side, 3))
-        for start in range(0, len(kept), 256):
-            chunk = kept[start:start + 256]
-            images[start:start + len(chunk)] = raw[[slots[p] for p in chunk]]
-        images.flush()
-        del images, raw
-        (tmp / "raw.npy").unlink()
         np.save(tmp / "labels.npy", np.array([index[wanted[p][0]] for p in kept], dtype=np.int64))
         np.save(tmp / "splits.npy", np.array([SPLIT_CODES[wanted[p][1]] for p in kept], dtype=np.int8))
-        write_json(tmp / "index.json", {"classes": classes, "paths": kept, "cache_size": side})
+        write_json(tmp / "index.json", {"classes": classes, "paths": kept, "cache_size": settings.cache_size})
+    seconds = time.monotonic() - started
+    report = _report(kept, wanted, hashes, counts)
+    report.update(rejected_count=len(rejected), ingest_seconds=round(seconds, 2),
+                  images_per_second=round(total / max(seconds, 1e-6), 1))
     return {
         "classes": classes,
         "class_counts": {c: counts[c] for c in classes},
         "splits": _split_counts(kept, wanted),
         "num_images": len(kept),
-        "rejected": rejected,
-        "report": _report(kept, wanted, hashes, counts),
+        "rejected": rejected[:LIST_LIMIT],
+        "report": report,
         "progress": {"processed": total, "total": total},
     }
 
 
-def _validate(counts: Counter, settings: Settings, rejected: list[dict[str, str]]) -> None:
-    def fail(message: str, code: str) -> None:
-        error = DatasetInvalid(message, code)
-        error.rejected = rejected  # type: ignore[attr-defined]
-        raise error
-
+def _validate(counts: Counter, settings: Settings, rejected: list[dict[str, str]], *, enough: bool) -> None:
+    """Dataset-level checks; ``enough`` also checks per-class minimums (only known after decoding)."""
     if not counts:
-        fail("no valid images were found; put images in one sub-folder per class "
-             "(e.g. cats/1.jpg, dogs/2.jpg) or add a labels.csv with filename,label", "no_images")
+        raise DatasetInvalid(
+            "no valid images were found; put images in one sub-folder per class (e.g. cats/1.jpg, dogs/2.jpg) "
+            "or add a labels.csv with filename,label" + (f" ({len(rejected)} files were rejected, see 'rejected')"
+                                                         if rejected else ""), "no_images", rejected)
     if len(counts) < 2:
         only = next(iter(counts))
-        fail(f"the dataset has 1 class ('{only}'); at least 2 are needed", "too_few_classes")
+        raise DatasetInvalid(f"the dataset has 1 class ('{only}'); at least 2 are needed: add a sub-folder "
+                             "of images for each other class", "too_few_classes", rejected)
     small = {c: n for c, n in sorted(counts.items()) if n < settings.min_images_per_class}
-    if small:
+    if enough and small:
         listed = ", ".join(f"'{c}' ({n})" for c, n in small.items())
-        fail(f"classes with fewer than {settings.min_images_per_class} valid images: {listed}; add images "
-             "or remove those folders", "class_too_small")
+        raise DatasetInvalid(f"classes with fewer than {settings.min_images_per_class} valid images: {listed}; "
+                             "add images or remove those folders", "class_too_small", rejected)
 
 
 def _split_counts(kept: list[str], wanted: dict[str, tuple[str, str | None]]) -> dict[str, Any] | None:
@@ -170,8 +240,11 @@ def _report(kept: list[str], wanted: dict, hashes: dict[str, str], counts: Count
     leakage = [g for g in groups if len({wanted[p][1] for p in g}) > 1]
     conflicting = [g for g in groups if len({wanted[p][0] for p in g}) > 1]
     return {
-        "duplicates": groups,
-        "leakage": leakage,
-        "conflicting_labels": conflicting,
+        "duplicates": groups[:GROUP_LIMIT],
+        "duplicate_groups": len(groups),
+        "duplicate_images": sum(len(g) - 1 for g in groups),
+        "leakage": leakage[:GROUP_LIMIT],
+        "leakage_groups": len(leakage),
+        "conflicting_labels": conflicting[:GROUP_LIMIT],
         "imbalance_ratio": round(max(counts.values()) / min(counts.values()), 3),
     }

@@ -2,6 +2,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.predictor import PredictorDep
 from api.schemas import ModelPublic, ModelsPublic
 from api.services import artifacts, models
 from api.services.artifacts import ArtifactFormat
@@ -18,7 +19,7 @@ def to_public(model: Model, serving: str | None) -> ModelPublic:
 
 @router.get("", response_model=ModelsPublic)
 def list_models(session: SessionDep, _: ApiKeyDep, limit: int = Query(50, ge=1, le=500),
-                offset: int = Query(0, ge=0)) -> ModelsPublic:
+                offset: int = Query(0, ge=0, le=2**31 - 1)) -> ModelsPublic:
     rows, count = models.list_(session=session, limit=limit, offset=offset)
     serving = models.serving_id(session=session)
     return ModelsPublic(data=[to_public(r, serving) for r in rows], count=count)
@@ -30,20 +31,25 @@ def get_model(model_id: str, session: SessionDep, _: ApiKeyDep) -> ModelPublic:
 
 
 @router.post("/{model_id}/promote", response_model=ModelPublic)
-def promote_model(model_id: str, session: SessionDep, _: ApiKeyDep) -> ModelPublic:
+def promote_model(model_id: str, session: SessionDep, predictor: PredictorDep, _: ApiKeyDep) -> ModelPublic:
     model = models.promote(session=session, model_id=model_id)
+    predictor.forget_serving_id()
     return to_public(model, model.id)
 
 
 @router.delete("/pin", status_code=204)
-def unpin_model(session: SessionDep, _: ApiKeyDep) -> Response:
+def unpin_model(session: SessionDep, predictor: PredictorDep, _: ApiKeyDep) -> Response:
     models.unpin(session=session)
+    predictor.forget_serving_id()
     return Response(status_code=204)
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, _: ApiKeyDep) -> Response:
+def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, predictor: PredictorDep,
+                 _: ApiKeyDep) -> Response:
     models.delete(session=session, settings=settings, model_id=model_id)
+    predictor.evict(model_id)
+    predictor.forget_serving_id()
     return Response(status_code=204)
 
 

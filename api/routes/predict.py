@@ -1,11 +1,14 @@
-from typing import Annotated
+import asyncio
+from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ApiKeyDep, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.predictor import Predictor, decode_upload
+from api.predictor import LoadedModel, Predictor, PredictorDep, prepare_images
 from api.schemas import Prediction, PredictResponse, Score
 from api.services import models
 from api.uploads import receive_form
@@ -13,13 +16,6 @@ from api.uploads import receive_form
 router = APIRouter(tags=["predict"])
 
 MAX_FILES = 256
-
-
-def get_predictor(request: Request) -> Predictor:
-    return request.app.state.predictor
-
-
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
 def _top_k(raw: str | None) -> int:
@@ -34,6 +30,23 @@ def _top_k(raw: str | None) -> int:
     return value
 
 
+def _model_for(*, predictor: Predictor, session: Session, wanted: str | None) -> LoadedModel:
+    if wanted:
+        models.get(session=session, model_id=wanted)
+        return predictor.get(wanted)
+    serving = predictor.serving_id(lambda: models.serving_id(session=session))
+    if serving is None:
+        raise ApiError(503, "no_model", "no model has been trained yet; POST /v1/jobs and wait for it to succeed")
+    return predictor.serving(serving)
+
+
+def _prepare(*, predictor: Predictor, session: Session, wanted: str | None, files: list[tuple[str, Path]],
+             max_pixels: int) -> tuple[LoadedModel, Any]:
+    """The model, then the images cropped as it needs them: one trip to the threadpool per request."""
+    loaded = _model_for(predictor=predictor, session=session, wanted=wanted)
+    return loaded, prepare_images(files, image_size=loaded.image_size, max_pixels=max_pixels)
+
+
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -44,33 +57,39 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 @router.post("/predict", response_model=PredictResponse, include_in_schema=False)
 async def predict(request: Request, session: SessionDep, settings: SettingsDep, predictor: PredictorDep,
                   _: ApiKeyDep) -> PredictResponse:
-    form = await receive_form(request, spool_dir=settings.data_dir / "tmp",
-                              limit_bytes=settings.max_image_mb * 2**20)
+    with predictor.batcher.expecting() as ticket:
+        try:
+            form = await receive_form(request, spool_dir=settings.data_dir / "tmp",
+                                      limit_bytes=settings.max_image_mb * 2**20,
+                                      body_limit_bytes=settings.max_upload_mb * 2**20)
+        except ApiError as exc:
+            if exc.code == "payload_too_large":
+                raise ApiError(413, "payload_too_large", f"each image may be at most {settings.max_image_mb} MiB "
+                               f"(TUNESERVE_MAX_IMAGE_MB) and a request at most {settings.max_upload_mb} MiB "
+                               "(TUNESERVE_MAX_UPLOAD_MB); send smaller or fewer files") from exc
+            raise
+        try:
+            files = [f for f in form.files if f.field in ("file", "files")]
+            if not files:
+                raise ApiError(422, "file_required", "send one or more images in the multipart field 'file'")
+            if len(files) > MAX_FILES:
+                raise ApiError(413, "too_many_files", f"send at most {MAX_FILES} images per request, "
+                               f"got {len(files)}")
+            top_k = _top_k(form.fields.get("top_k", request.query_params.get("top_k")))
+            wanted = form.fields.get("model_id") or request.query_params.get("model_id")
+            named = [(f.filename or f"file{i}", f.path) for i, f in enumerate(files)]
+            loaded, inputs = await run_in_threadpool(_prepare, predictor=predictor, session=session, wanted=wanted,
+                                                     files=named, max_pixels=settings.max_image_pixels)
+        finally:
+            form.cleanup()
+        future = ticket.submit(loaded, inputs)
     try:
-        files = [f for f in form.files if f.field in ("file", "files")]
-        if not files:
-            raise ApiError(422, "file_required", "send one or more images in the multipart field 'file'")
-        if len(files) > MAX_FILES:
-            raise ApiError(413, "too_many_files", f"send at most {MAX_FILES} images per request")
-        top_k = _top_k(form.fields.get("top_k", request.query_params.get("top_k")))
-        wanted = form.fields.get("model_id") or request.query_params.get("model_id")
-        images = [decode_upload(f.path.read_bytes(), f.filename or f"file{i}", settings.max_image_pixels)
-                  for i, f in enumerate(files)]
-    finally:
-        form.cleanup()
-    if wanted:
-        models.get(session=session, model_id=wanted)
-        loaded = await run_in_threadpool(predictor.get, wanted)
-    else:
-        serving = await run_in_threadpool(models.serving_id, session=session)
-        if serving is None:
-            raise ApiError(503, "no_model", "no model has been trained yet; POST /v1/jobs and wait for it to succeed")
-        loaded = await run_in_threadpool(predictor.serving, serving)
-    probs = await run_in_threadpool(loaded.infer, images)
-    k = min(top_k, len(loaded.classes))
-    scores, indices = probs.topk(k, dim=1)
+        probs = await asyncio.wrap_future(future)
+    except Exception as exc:
+        raise ApiError(503, "inference_failed", f"inference failed ({type(exc).__name__}); retry shortly") from exc
+    scores, indices = probs.topk(min(top_k, len(loaded.classes)), dim=1)
     return PredictResponse(model_id=loaded.model_id, predictions=[
-        Prediction(filename=f.filename, top=[Score(label=loaded.classes[i], score=float(s))
-                                             for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)])
-        for f, row_s, row_i in zip(files, scores, indices, strict=True)
+        Prediction(filename=f.filename, top=[Score(label=loaded.classes[i], score=s)
+                                             for s, i in zip(row_s, row_i, strict=True)])
+        for f, row_s, row_i in zip(files, scores.tolist(), indices.tolist(), strict=True)
     ])

@@ -5,7 +5,6 @@ from pathlib import Path
 
 from api.errors import ApiError
 from shared.config import Settings
-from shared.modeling.artifact import WEIGHTS_FILE
 from shared.storage import model_dir
 
 
@@ -16,13 +15,17 @@ class ArtifactFormat(StrEnum):
 
 
 def artifact_path(*, settings: Settings, model_id: str, fmt: ArtifactFormat) -> Path:
-    directory = model_dir(settings, model_id)
-    if fmt == ArtifactFormat.safetensors:
-        path = directory / WEIGHTS_FILE
-    else:
-        from shared.modeling.export import export_model
+    from shared.modeling.artifact import WEIGHTS_FILE  # torch comes with it: not at API import time
 
-        path = export_model(directory=directory, fmt=fmt.value)
-    if not path.is_file():
-        raise ApiError(404, "artifact_missing", f"model {model_id} has no {fmt} file on disk")
-    return path
+    directory = model_dir(settings, model_id)
+    missing = ApiError(404, "artifact_missing", f"model {model_id} has no files on disk to make a {fmt} file from")
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise missing
+    if fmt == ArtifactFormat.safetensors:
+        return directory / WEIGHTS_FILE
+    from shared.modeling.export import export_model
+
+    try:
+        return export_model(directory=directory, fmt=fmt.value)
+    except FileNotFoundError as exc:  # deleted while exporting
+        raise missing from exc

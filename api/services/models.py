@@ -5,7 +5,8 @@ import shutil
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError, not_found
+from api.errors import ApiError
+from api.services import get_or_404
 from shared.config import Settings
 from shared.orm import Model
 from shared.storage import model_dir
@@ -20,15 +21,12 @@ def serving_id(*, session: Session) -> str | None:
 
 
 def get(*, session: Session, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise not_found("model", model_id)
-    return model
+    return get_or_404(session, Model, "model", model_id)
 
 
 def list_(*, session: Session, limit: int, offset: int) -> tuple[list[Model], int]:
     count = session.scalar(select(func.count()).select_from(Model)) or 0
-    rows = session.scalars(select(Model).order_by(Model.created_at.desc()).limit(limit).offset(offset)).all()
+    rows = session.scalars(select(Model).order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)).all()
     return list(rows), count
 
 

@@ -1,6 +1,7 @@
 """The training loop, in the shape of the torchvision references: plain functions, plain dicts."""
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,11 @@ from torch import nn
 from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
 from shared.storage import atomic_path
-from worker.training.data import TEST, TRAIN, VAL, CachedDataset, iterate_batches, prepare_batch
+from worker.training import distributed
+from worker.training.data import TEST, TRAIN, VAL, CachedDataset, batch_count, iterate_batches, prepare_batch
+from worker.training.features import cached_features, features_path, uses_feature_cache
 from worker.training.metrics import classification_report
+from worker.training.misclassified import pick_misclassified
 from worker.training.optim import (
     amp_dtype,
     apply_freeze,
@@ -26,6 +30,21 @@ from worker.training.optim import (
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+
+# (uint8 NHWC batch or feature rows, train?, generator) -> model input
+Prepare = Callable[[torch.Tensor, bool, torch.Generator], torch.Tensor]
+
+
+def image_preparer(hp: Hyperparameters) -> Prepare:
+    def prepare(raw: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
+        return prepare_batch(raw, image_size=hp.image_size, train=train, augment=hp.augment, generator=generator,
+                             channels_last=hp.channels_last)
+
+    return prepare
+
+
+def feature_preparer(raw: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
+    return raw.float()
 
 
 class Reporter(Protocol):
@@ -40,6 +59,7 @@ class FitResult:
     history: list[dict[str, Any]]
     best_epoch: int
     stopped: str | None  # None, "early_stopping", "max_minutes" or "cancelled"
+    features_reused: bool | None = None  # None: the frozen-backbone fast path was not taken
     val: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
 
@@ -80,13 +100,13 @@ def train_one_epoch(
     *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     criterion: nn.Module, data: CachedDataset, indices: np.ndarray, hp: Hyperparameters, device: torch.device,
     generator: torch.Generator, dtype: torch.dtype | None, frozen: list[nn.Module],
-    on_step: Callable[[int, int, int], bool],
+    on_step: Callable[[int, int, int], bool], prepare: Prepare,
 ) -> dict[str, float]:
     """One pass over ``indices``; ``on_step(step, steps, images)`` returns True to stop early."""
     model.train()
     for module in frozen:
         module.eval()  # frozen stages keep their BatchNorm statistics too
-    steps = max(1, -(-len(indices) // hp.batch_size))
+    steps = max(1, batch_count(len(indices), hp.batch_size, drop_last=True))
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = 0
@@ -94,8 +114,7 @@ def train_one_epoch(
         data, indices, batch_size=hp.batch_size, shuffle=True, generator=generator, device=device,
         drop_last=True,
     ), 1):
-        images = prepare_batch(raw, image_size=hp.image_size, train=True, augment=hp.augment,
-                               generator=generator, channels_last=hp.channels_last)
+        images = prepare(raw, True, generator)
         mixed = (hp.mixup > 0 or hp.cutmix > 0) and hp.augment != "none"
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if mixed:
@@ -115,6 +134,7 @@ def train_one_epoch(
         seen += labels.shape[0]
         if on_step(step, steps, seen):
             break
+    loss_sum, correct, seen = distributed.epoch_totals(model, loss_sum, correct, seen)
     seen = max(seen, 1)
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "train_images": seen}
 
@@ -122,7 +142,7 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     *, model: nn.Module, data: CachedDataset, indices: np.ndarray, hp: Hyperparameters, device: torch.device,
-    dtype: torch.dtype | None, batch_size: int | None = None,
+    dtype: torch.dtype | None, prepare: Prepare, batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and labels for ``indices``, with the eval crop."""
     model.eval()
@@ -130,8 +150,7 @@ def evaluate(
     generator = torch.Generator().manual_seed(0)
     for raw, labels in iterate_batches(data, np.sort(indices), batch_size=batch_size or hp.batch_size * 2,
                                        shuffle=False, generator=generator, device=device):
-        images = prepare_batch(raw, image_size=hp.image_size, train=False, augment="none",
-                               generator=generator, channels_last=hp.channels_last)
+        images = prepare(raw, False, generator)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(images)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -149,9 +168,14 @@ def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def fit(
     *, hp: Hyperparameters, data: CachedDataset, splits: np.ndarray, device: torch.device, work_dir: Path,
-    weights_dir: Path | None, reporter: Reporter, compile_model: bool = False,
+    weights_dir: Path | None, reporter: Reporter, compile_model: bool = False, features_dir: Path | None = None,
 ) -> FitResult:
-    """Train, keep the best epoch by validation accuracy, resume from ``work_dir`` if it has a checkpoint."""
+    """Train, keep the best epoch by validation accuracy, resume from ``work_dir`` if it has a checkpoint.
+
+    With ``features_dir`` and a frozen backbone without augmentation only the head is trained, on
+    backbone features cached under ``features_dir``. Every epoch reseeds from (seed, epoch), so the RNG
+    state a checkpoint needs is its epoch number, and a resumed run matches an uninterrupted one.
+    """
     torch.manual_seed(hp.seed)
     model = build_model(base_model=hp.base_model, num_classes=data.num_classes, weights=hp.weights,
                         weights_dir=weights_dir, head=hp.head, dropout=hp.dropout)
@@ -161,14 +185,22 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(hp, device)
     train_idx, val_idx, test_idx = (np.flatnonzero(splits == code) for code in (TRAIN, VAL, TEST))
-    steps_per_epoch = max(1, len(train_idx) // hp.batch_size)
+    steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)), hp.batch_size, drop_last=True))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     weight = class_weights(data.labels[train_idx], data.num_classes, hp.class_weighting)
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
                                     label_smoothing=hp.label_smoothing)
-    runner = torch.compile(model) if compile_model else model
+    prepare, source, features_reused = image_preparer(hp), data, None
+    if features_dir is not None and uses_feature_cache(hp):
+        features, features_reused = cached_features(
+            path=features_path(features_dir=features_dir, hp=hp, weights_dir=weights_dir), model=model, data=data,
+            hp=hp, device=device, dtype=dtype)
+        prepare, source = feature_preparer, dataclasses.replace(data, images=features)
+    trainable = model.fc if features_reused is not None else model
+    runner = torch.compile(trainable) if compile_model else trainable
+    trainer = distributed.wrap(runner, device)
 
     state = load_checkpoint(work_dir / CHECKPOINT)
     history: list[dict[str, Any]] = []
@@ -188,7 +220,9 @@ def fit(
     last_report = 0.0
     for epoch in range(start_epoch, hp.epochs + 1):
         torch.manual_seed(hp.seed * 100_003 + epoch)
-        generator = torch.Generator().manual_seed(hp.seed * 100_003 + epoch)
+        # Ranks shuffle alike and split the order; each augments its own share with its own generator.
+        train_shard = distributed.shard(train_idx, seed=hp.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(hp.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
         epoch_start = time.monotonic()
 
         def on_step(step: int, steps: int, seen: int, epoch: int = epoch, epoch_start: float = epoch_start) -> bool:
@@ -196,25 +230,28 @@ def fit(
             now = time.monotonic()
             if now - last_report >= 2.0 or step == steps:
                 last_report = now
-                rate = seen / max(now - epoch_start, 1e-9)
-                left = (steps - step) * hp.batch_size + (hp.epochs - epoch) * steps * hp.batch_size
+                rate = seen * distributed.world_size() / max(now - epoch_start, 1e-9)
+                left = ((steps - step) + (hp.epochs - epoch) * steps) * hp.batch_size * distributed.world_size()
                 reporter.progress({"epoch": epoch, "epochs": hp.epochs, "step": step, "steps": steps,
                                    "images_per_second": round(rate, 2), "eta_seconds": round(left / rate, 1)})
             if reporter.stop_requested():
                 stopped = "cancelled"
             elif deadline is not None and now >= deadline:
                 stopped = "max_minutes"
+            stopped = distributed.agree_stop(stopped, step, steps)
             return stopped is not None
 
         train_metrics = train_one_epoch(
-            model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, data=data,
-            indices=train_idx, hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
-            on_step=on_step,
+            model=trainer, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, data=source,
+            indices=train_shard, hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
+            on_step=on_step, prepare=prepare,
         )
         if stopped == "cancelled":
             break
         train_seconds = time.monotonic() - epoch_start
-        probs, labels = evaluate(model=runner, data=data, indices=val_idx, hp=hp, device=device, dtype=dtype)
+        probs, labels = distributed.gather(*evaluate(
+            model=runner, data=source, indices=distributed.shard(val_idx), hp=hp, device=device, dtype=dtype,
+            prepare=prepare))
         val_accuracy = float((probs.argmax(1) == labels).mean()) if len(labels) else train_metrics["train_accuracy"]
         val_loss = _loss(probs, labels) if len(labels) else train_metrics["train_loss"]
         metrics = {
@@ -229,30 +266,40 @@ def fit(
         if improved:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "val_loss": val_loss}
             bad_epochs = 0
-            save_checkpoint(work_dir / BEST, {"model": model.state_dict(), "epoch": epoch})
+            if distributed.is_main():
+                save_checkpoint(work_dir / BEST, {"model": model.state_dict(), "epoch": epoch})
         else:
             bad_epochs += 1
-        save_checkpoint(work_dir / CHECKPOINT, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-            "best": best, "bad_epochs": bad_epochs, "elapsed": elapsed_before + time.monotonic() - started,
-        })
+        if distributed.is_main():
+            save_checkpoint(work_dir / CHECKPOINT, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "best": best, "bad_epochs": bad_epochs, "elapsed": elapsed_before + time.monotonic() - started,
+            })
         reporter.epoch_done(epoch, metrics)
         if stopped is None and hp.early_stopping_patience and bad_epochs >= hp.early_stopping_patience:
             stopped = "early_stopping"
         if stopped is not None:
             break
 
+    if not distributed.is_main():  # rank 0 alone scores and returns the model
+        return FitResult(model=model, history=history, best_epoch=best["epoch"], stopped=stopped)
     best_state = load_checkpoint(work_dir / BEST)
     final = copy.deepcopy(model)
     if best_state is not None:
         final.load_state_dict(best_state["model"])
-    result = FitResult(model=final, history=history, best_epoch=best["epoch"], stopped=stopped)
+    result = FitResult(model=final, history=history, best_epoch=best["epoch"], stopped=stopped,
+                       features_reused=features_reused)
     if stopped != "cancelled":
+        scorer = final.fc if features_reused is not None else final
         for name, idx in (("val", val_idx), ("test", test_idx)):
-            probs, labels = evaluate(model=final, data=data, indices=idx, hp=hp, device=device, dtype=dtype)
+            probs, labels = evaluate(model=scorer, data=source, indices=idx, hp=hp, device=device, dtype=dtype,
+                                     prepare=prepare)
             report = classification_report(probs=probs, labels=labels, classes=data.classes)
             if len(labels):
                 report["loss"] = _loss(probs, labels)
+            if name == "test":  # evaluate scores indices in sorted order
+                report["misclassified"] = pick_misclassified(indices=np.sort(idx), probs=probs, labels=labels,
+                                                             classes=data.classes)
             setattr(result, name, report)
     return result

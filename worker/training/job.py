@@ -7,7 +7,6 @@ import socket
 import threading
 from typing import Any
 
-import numpy as np
 import torch
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,8 +20,10 @@ from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable, res
 from shared.orm import Dataset, Job, JobEpoch, Model, new_id, utcnow
 from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir
 from worker.reliability import SHUTDOWN
-from worker.training.data import load_cache, make_splits
+from worker.training.data import load_cache, stored_splits
+from worker.training.distributed import NotEnoughGpus, fit_distributed, process_count
 from worker.training.engine import fit
+from worker.training.misclassified import write_thumbnails
 from worker.training.optim import resolve_device
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class JobReporter:
         self.job_id = job_id
         self.settings = settings
         self._cancel = threading.Event()
+        self.lost = threading.Event()  # the reaper gave this job to another worker
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -55,32 +57,37 @@ class JobReporter:
             except Exception:  # a DB blip must not kill training; the next beat retries
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
-    def beat(self) -> None:
+    def _touch(self, **values: Any) -> None:
+        """Renew the lease, writing ``values``, only while this worker holds it; notice cancels and loss."""
         with session_scope() as session:
-            session.execute(update(Job).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
-                            .values(heartbeat_at=utcnow()))
+            owned = session.execute(update(Job).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
+                                    .values(heartbeat_at=utcnow(), **values)).rowcount == 1
             status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-        if status == JobStatus.cancelling:
+        if not owned:
+            log.warning("job %s is no longer leased to %s (now %s); stopping", self.job_id, WORKER_ID, status)
+            self.lost.set()
+        elif status == JobStatus.cancelling:
             self._cancel.set()
+
+    def beat(self) -> None:
+        self._touch()
 
     def progress(self, progress: dict[str, Any]) -> None:
-        with session_scope() as session:
-            session.execute(update(Job).where(Job.id == self.job_id)
-                            .values(progress=progress, heartbeat_at=utcnow(), updated_at=utcnow()))
-            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-        if status == JobStatus.cancelling:
-            self._cancel.set()
+        self._touch(progress=progress, updated_at=utcnow())
 
     def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.lost.is_set():
+            return
         values = {"job_id": self.job_id, "epoch": epoch, "metrics": metrics, "created_at": utcnow()}
         insert = pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert
         with session_scope() as session:
             # A resumed job may re-finish an epoch whose row already landed; keep the first.
             session.execute(insert(JobEpoch).values(**values).on_conflict_do_nothing(
                 index_elements=["job_id", "epoch"]))
+        log.info("job %s finished epoch %d on %s", self.job_id, epoch, WORKER_ID)
 
     def stop_requested(self) -> bool:
-        return self._cancel.is_set() or SHUTDOWN.is_set()
+        return self._cancel.is_set() or self.lost.is_set() or SHUTDOWN.is_set()
 
 
 def claim(*, job_id: str, settings: Settings) -> Job | None:
@@ -106,7 +113,7 @@ def _fail(job_id: str, message: str, code: str) -> None:
     with session_scope() as session:
         for expected in (JobStatus.running, JobStatus.cancelling):
             if transition(session=session, job_id=job_id, expected=expected, to=JobStatus.failed,
-                          error=message, error_code=code, worker_id=None):
+                          also=Job.worker_id == WORKER_ID, error=message, error_code=code, worker_id=None):
                 return
 
 
@@ -118,8 +125,8 @@ def run_training_job(job_id: str, *, settings: Settings | None = None) -> None:
     try:
         with JobReporter(job_id, settings) as reporter:
             _train(job, settings, reporter)
-    except WeightsUnavailable as exc:
-        _fail(job_id, str(exc), WeightsUnavailable.code)
+    except (WeightsUnavailable, NotEnoughGpus) as exc:
+        _fail(job_id, str(exc), exc.code)
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _fail(job_id, f"training failed: {type(exc).__name__}: {exc}", "training_error")
@@ -132,32 +139,31 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
         if dataset is None or dataset.status != "ready":
             raise RuntimeError(f"dataset {job.dataset_id} is not ready")
     data = load_cache(dataset_cache(settings, job.dataset_id))
-    splits_file = dataset_dir(settings, job.dataset_id) / "splits" / (
-        f"seed{hp.seed}-val{hp.val_fraction:g}-test{hp.test_fraction:g}.npy")
-    if splits_file.is_file():
-        splits = np.load(splits_file)
-    else:
-        splits = make_splits(labels=data.labels, preset=data.preset_splits, val_fraction=hp.val_fraction,
-                             test_fraction=hp.test_fraction, seed=hp.seed)
-        splits_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = splits_file.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, splits)
-        os.replace(tmp, splits_file)
+    splits = stored_splits(splits_dir=dataset_dir(settings, job.dataset_id) / "splits", data=data, hp=hp)
     device = resolve_device(settings.device)
     steps = hp.epochs * max(1, int((splits == 0).sum()) // hp.batch_size)
     compile_model = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda" and steps >= 2000)
     work = job_dir(settings, job.id)
     work.mkdir(parents=True, exist_ok=True)
-    result = fit(hp=hp, data=data, splits=splits, device=device, work_dir=work,
-                 weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
+    world = process_count(hp, device, allow_cpu=settings.ddp_on_cpu)
+    if world > 1:
+        result = fit_distributed(world=world, hp=hp, cache_dir=dataset_cache(settings, job.dataset_id),
+                                 classes=data.classes, splits=splits, device=device, work_dir=work,
+                                 weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
+    else:
+        result = fit(hp=hp, data=data, splits=splits, device=device, work_dir=work,
+                     weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model,
+                     features_dir=dataset_dir(settings, job.dataset_id) / "features")
+    mine = Job.worker_id == WORKER_ID
     if result.stopped == "cancelled":
         with session_scope() as session:
-            if not transition(session=session, job_id=job.id, expected=JobStatus.cancelling,
-                              to=JobStatus.cancelled, worker_id=None):
+            if not reporter.lost.is_set() and not transition(
+                    session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
+                    also=mine, worker_id=None):
                 # Not a user's cancel: this worker is shutting down. Hand the job back; it resumes
                 # from its last checkpoint wherever the reconciler sends it next.
                 transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.queued,
-                           worker_id=None, heartbeat_at=None, enqueued_at=None)
+                           also=mine, worker_id=None, heartbeat_at=None, enqueued_at=None)
         return
     model_id = new_id()
     metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,
@@ -169,19 +175,23 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
         "hyperparameters": hp.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat(),
     }
     save_model_artifact(directory=model_dir(settings, model_id), model=result.model, meta=meta)
+    # Before the model row exists, so nobody is ever pointed at a thumbnail not yet written.
+    write_thumbnails(directory=model_dir(settings, model_id), images=data.images,
+                     picks=result.test.get("misclassified", []))
     with session_scope() as session:
         session.add(Model(id=model_id, job_id=job.id, dataset_id=job.dataset_id, base_model=hp.base_model,
                           classes=data.classes, image_size=hp.image_size, metrics=metrics))
         session.flush()
         won = transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.succeeded,
-                         model_id=model_id, metrics=metrics, worker_id=None)
+                         also=mine, model_id=model_id, metrics=metrics, worker_id=None)
         if not won:
-            # Cancelled in the last moments: the user asked for no model, so none is published.
+            # Cancelled in the last moments (the user asked for no model, so none is published), or
+            # the job was reaped and belongs to another worker now.
             session.rollback()
             shutil.rmtree(model_dir(settings, model_id), ignore_errors=True)
             with session_scope() as s2:
                 transition(session=s2, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
-                           worker_id=None)
+                           also=mine, worker_id=None)
             return
     shutil.rmtree(work, ignore_errors=True)
     if torch.cuda.is_available():

@@ -1,0 +1,109 @@
+"""``GET /v1/jobs/{id}/events``: server-sent events for one job until it reaches a final state.
+
+Every stream opens with a full ``snapshot`` (job + history), so a client that reconnects, with or without
+``Last-Event-ID``, is whole again after the first event; ids keep counting from ``Last-Event-ID`` so they
+stay increasing for that client. After the snapshot come ``epoch`` (one per finished epoch, in order),
+``progress`` and ``state`` events, found by polling the database (each poll its own session); the
+stream sends ``end`` and closes once the job is final.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ApiKeyDep, SessionDep
+from api.routes.jobs import to_public
+from api.services import jobs
+from shared.db import get_sessionmaker
+from shared.jobstate import FINAL, JobStatus
+from shared.orm import Job, JobEpoch
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+POLL_SECONDS = 0.5
+KEEPALIVE_SECONDS = 15.0
+
+
+@dataclass
+class Seen:
+    status: str
+    progress: dict[str, Any]
+    last_epoch: int
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def _snapshot(job_id: str) -> tuple[dict[str, Any], Seen]:
+    with get_sessionmaker()() as session:
+        job = jobs.get(session=session, job_id=job_id)
+        history = jobs.history(session=session, job_id=job_id)
+        public = to_public(job, history).model_dump(mode="json")
+        progress = dict(job.progress or {})
+    last = max((int(h.get("epoch", 0)) for h in history), default=0)
+    return public, Seen(status=public["status"], progress=progress, last_epoch=last)
+
+
+def _changes(job_id: str, seen: Seen) -> Seen:
+    """What changed since ``seen``: new epochs first (oldest first), then progress, then the state."""
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        epochs = session.execute(select(JobEpoch.epoch, JobEpoch.metrics).where(
+            JobEpoch.job_id == job_id, JobEpoch.epoch > seen.last_epoch).order_by(JobEpoch.epoch)).all()
+        if job is None:  # deleted under us: report it as the end of the story
+            return Seen(status=seen.status, progress=seen.progress, last_epoch=seen.last_epoch,
+                        events=[("end", {"status": seen.status, "reason": "job deleted"})])
+        status, progress = job.status, dict(job.progress or {})
+        final = {"status": status, "error": job.error, "error_code": job.error_code, "model_id": job.model_id,
+                 "metrics": job.metrics, "attempts": job.attempts}
+    events: list[tuple[str, dict[str, Any]]] = [("epoch", {"epoch": e, "metrics": m}) for e, m in epochs]
+    if progress != seen.progress:
+        events.append(("progress", progress))
+    if status != seen.status:
+        events.append(("state", {"previous": seen.status, **final}))
+    last = epochs[-1][0] if epochs else seen.last_epoch
+    return Seen(status=status, progress=progress, last_epoch=last, events=events)
+
+
+def _frame(event_id: int, event: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _stream(request: Request, job_id: str, first_id: int) -> AsyncIterator[str]:
+    event_id = first_id
+    snapshot, seen = await run_in_threadpool(_snapshot, job_id)
+    yield "retry: 2000\n\n"
+    yield _frame(event_id, "snapshot", snapshot)
+    idle = 0.0
+    while JobStatus(seen.status) not in FINAL:
+        await asyncio.sleep(POLL_SECONDS)
+        if await request.is_disconnected():
+            return
+        seen = await run_in_threadpool(_changes, job_id, seen)
+        for name, data in seen.events:
+            event_id += 1
+            yield _frame(event_id, name, data)
+            if name == "end":
+                return
+        idle = 0.0 if seen.events else idle + POLL_SECONDS
+        if idle >= KEEPALIVE_SECONDS:  # proxies close silent connections
+            idle = 0.0
+            yield ": keepalive\n\n"
+    yield _frame(event_id + 1, "end", {"status": seen.status})
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}})
+async def job_events(job_id: str, request: Request, session: SessionDep, _: ApiKeyDep,
+                     last_event_id: str | None = Header(None, alias="Last-Event-ID", max_length=32)
+                     ) -> StreamingResponse:
+    jobs.get(session=session, job_id=job_id)  # 404 before the stream starts, not inside it
+    session.close()
+    first_id = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
+    return StreamingResponse(_stream(request, job_id, first_id), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,93 @@
+// Models: the registry, one model's test metrics, confusion matrix, mistakes and the promote button; predict.
+import { api, imageUrl } from "./api.js";
+import { badge, dropZone, fill, h, hbars, num, pct, short, toast, when } from "./ui.js";
+
+export async function modelsPage(view) {
+  const { data } = await api("/v1/models?limit=100");
+  view.append(h("h1", {}, "Models"), h("div", { class: "card" }, data.length ? h("table", { id: "models-list" },
+    h("tr", {}, ["model", "base", "classes", "test accuracy", "macro F1", "created", ""].map((t) => h("th", {}, t))),
+    data.map((m) => {
+      const test = (m.metrics || {}).test || {};
+      return h("tr", { "data-model": m.id }, h("td", {}, h("a", { href: `#/models/${m.id}` }, short(m.id))),
+        h("td", {}, m.base_model), h("td", {}, m.classes.length), h("td", { class: "num" }, pct(test.accuracy)),
+        h("td", { class: "num" }, num(test.macro_f1)), h("td", { class: "muted" }, when(m.created_at)),
+        h("td", {}, m.serving ? badge("serving") : ""));
+    })) : h("p", { class: "muted" }, "No models yet: train one from the Jobs page.")));
+}
+
+export async function modelPage(view, { id }) {
+  const model = await api(`/v1/models/${id}`);
+  const test = (model.metrics || {}).test || {};
+  const perClass = Object.entries(test.per_class || {});
+  const promote = h("button", { id: "promote", disabled: model.pinned, onclick: async () => {
+    try {
+      await api(`/v1/models/${id}/promote`, { method: "POST" });
+      toast(`model ${short(id)} now serves /predict`);
+      promote.disabled = true;
+      promote.textContent = "Pinned";
+      fill(state, badge("serving"), " pinned");
+    } catch (error) { toast(error.message); }
+  } }, model.pinned ? "Pinned" : "Promote to serving");
+  const state = h("span", { id: "serving" }, model.serving ? badge("serving") : "", model.pinned ? " pinned" : "");
+  const confusion = h("div", { id: "confusion" }, h("p", { class: "muted" }, test.confusion_matrix ? "drawing…" : "No test split, so no confusion matrix."));
+  const mistakes = test.misclassified || [];
+  view.append(
+    h("h1", {}, `Model ${short(id)} `, state),
+    h("div", { class: "card" }, h("div", { class: "row" },
+      h("span", {}, `${model.base_model} · ${model.classes.length} classes · ${model.image_size}px · job `,
+        h("a", { href: `#/jobs/${model.job_id}` }, short(model.job_id)), " · dataset ",
+        h("a", { href: `#/datasets/${model.dataset_id}` }, short(model.dataset_id))),
+      h("span", { style: "flex:1" }), promote),
+    h("p", {}, `Test accuracy `, h("b", { id: "test-accuracy" }, pct(test.accuracy)),
+      test.top5_accuracy !== undefined ? ` · top-5 ${pct(test.top5_accuracy)}` : "",
+      ` · macro F1 ${num(test.macro_f1)} · ECE ${num(test.ece)} · ${test.samples ?? 0} test images`)),
+    h("div", { class: "grid" },
+      h("div", { class: "card" }, h("h2", {}, "Per class (test split)"), perClass.length ? h("table", { id: "per-class" },
+        h("tr", {}, ["class", "precision", "recall", "F1", "support"].map((t) => h("th", { class: t === "class" ? "" : "num" }, t))),
+        perClass.map(([c, s]) => h("tr", {}, h("td", {}, c), h("td", { class: "num" }, num(s.precision)),
+          h("td", { class: "num" }, num(s.recall)), h("td", { class: "num" }, num(s.f1)), h("td", { class: "num" }, s.support ?? "–"))))
+        : h("p", { class: "muted" }, "–")),
+      h("div", { class: "card" }, h("h2", {}, "Confusion matrix"), confusion)),
+    h("div", { class: "card" }, h("h2", {}, `Misclassified test images (${mistakes.length})`), mistakes.length
+      ? h("div", { class: "thumbs", id: "mistakes" }) : h("p", { class: "muted" },
+        test.samples ? "None recorded for this model." : "No test split.")));
+  if (test.confusion_matrix) {
+    const url = await imageUrl(`/v1/models/${id}/plots/confusion.png`);
+    fill(confusion, h("img", { class: "plot", src: url, alt: "confusion matrix heatmap" }));
+  }
+  const thumbs = view.querySelector("#mistakes");
+  for (const m of mistakes.slice(0, 48)) {
+    const src = await imageUrl(`/v1/models/${id}/misclassified/${encodeURIComponent(m.image)}`).catch(() => "");
+    thumbs.append(h("figure", {}, src ? h("img", { src, alt: m.image }) : "",
+      h("figcaption", {}, h("span", { class: "muted" }, "true "), m.true, h("br"), h("span", { class: "muted" }, "pred "), m.pred)));
+  }
+}
+
+export async function predictPage(view) {
+  const { data } = await api("/v1/models?limit=100");
+  const serving = data.find((m) => m.serving);
+  const model = h("select", { id: "predict-model" }, data.map((m) =>
+    h("option", { value: m.id, selected: m === serving }, `${short(m.id)} · ${m.base_model} · ${m.classes.join(", ").slice(0, 60)}${m.serving ? " (serving)" : ""}`)));
+  const topK = h("input", { id: "predict-topk", type: "number", min: 1, value: 5, style: "width:5em" });
+  const results = h("div", { id: "predictions" });
+  const classify = async (files) => {
+    const form = new FormData();
+    for (const f of files) form.append("file", f);
+    form.append("top_k", topK.value || "5");
+    form.append("model_id", model.value);
+    fill(results, h("p", { class: "muted" }, "classifying…"));
+    try {
+      const body = await api("/v1/predict", { method: "POST", form });
+      fill(results, ...body.predictions.map((p, i) => h("div", { class: "card prediction", "data-label": p.top[0].label },
+        h("div", { class: "row" }, h("img", { class: "preview", src: URL.createObjectURL(files[i]), alt: p.filename }),
+          h("div", { style: "flex:1" }, h("h2", {}, p.filename, " → ", h("span", { class: "top-label" }, p.top[0].label)),
+            hbars(p.top.map((s) => [s.label, s.score, pct(s.score)]), { max: 1 }))))));
+    } catch (error) {
+      fill(results, h("div", { class: "error" }, error.message));
+    }
+  };
+  view.append(h("h1", {}, "Predict"), h("div", { class: "card" },
+    data.length ? [h("div", { class: "row" }, h("label", { class: "field" }, "model", model), h("label", { class: "field" }, "top k", topK)), h("p"),
+      dropZone({ id: "predict-drop", accept: "image/*", multiple: true, text: "Drop images here, or click to choose", onFiles: classify })]
+      : h("p", { class: "muted" }, "No model yet: train one first.")), results);
+}

@@ -1,0 +1,113 @@
+"""The web UI in real headless Chromium (Debian's package, driven by Playwright) against the live service:
+enter the API key, upload a dataset, start a job, watch it succeed, open its model, drop an image.
+
+Any browser console error, page error or request to a host other than the service fails the test.
+Screenshots land in test-artifacts/ui/.
+"""
+
+import base64
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.live import CLASSES
+from tests.synthetic import make_heldout, make_zip
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "ui"
+API_KEY = "ui-test-key-7"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+DROP = """async ([b64, name]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+  document.getElementById("predict-drop").dispatchEvent(
+    new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+}"""
+
+
+@pytest.fixture
+def browser():  # type: ignore[no-untyped-def]
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, browser, tmp_path):
+    service = start_service({**migrated, "TUNESERVE_API_KEYS": API_KEY})
+    archive = make_zip(tmp_path / "colours.zip", classes=CLASSES, per_class=12, size=32)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+
+    def guard(route) -> None:  # type: ignore[no-untyped-def]
+        url = urlsplit(route.request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in LOCAL_HOSTS:
+            problems.append(f"request to a non-local host: {route.request.url}")
+            route.abort()
+        else:
+            route.continue_()
+
+    context.route("**/*", guard)
+    page = context.new_page()
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.set_default_timeout(30_000)
+
+    page.goto(f"{service.url}/#/datasets")
+    page.fill("#key-input", API_KEY)  # the service has keys, so the page asks before its first call
+    page.click("#key-save")
+    page.set_input_files("#dataset-drop-input", str(archive))
+    page.wait_for_selector("h1 .badge[data-status=ready]", timeout=60_000)
+    assert [t.strip() for t in page.locator(".hbars > span:not(.mono)").all_inner_texts()] == sorted(CLASSES)
+    page.screenshot(path=str(ARTIFACTS / "dataset-page.png"), full_page=True)
+
+    page.click("#train-this")
+    page.select_option("select[name=base_model]", "resnet18")
+    for name, value in (("weights", "none"), ("epochs", "2"), ("image_size", "32"), ("batch_size", "8")):
+        page.fill(f"input[name={name}]", value)
+    page.click("#start-job")
+    page.wait_for_selector("#job-status .badge[data-status=succeeded]", timeout=120_000)
+    page.wait_for_selector("svg.chart[data-metric=accuracy][data-points='2']")
+    assert page.locator("#history tr").count() == 3  # header + two epochs, drawn from the live stream
+    page.wait_for_selector("img[alt='training curves']", state="attached")
+    page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+
+    page.click("#job-model")
+    page.wait_for_selector("#confusion img")
+    page.wait_for_function("document.querySelector('#confusion img').naturalWidth > 0")
+    assert page.locator("#per-class tr").count() == 1 + len(CLASSES)
+    page.click("#promote")
+    page.wait_for_selector("#promote:disabled:text('Pinned')")
+    page.screenshot(path=str(ARTIFACTS / "model-page.png"), full_page=True)
+    model_id = page.url.rsplit("/", 1)[1]
+
+    label, image = make_heldout(["red"], 1)[0]
+    with service.client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        expected = client.post("/v1/predict", files={"file": ("red.jpg", image, "image/jpeg")}).json()
+        pinned = client.get(f"/v1/models/{model_id}").json()["pinned"]
+    page.click("a[data-nav=predict]")
+    page.wait_for_selector("#predict-drop")
+    page.evaluate(DROP, [base64.b64encode(image).decode(), "red.jpg"])
+    shown = page.wait_for_selector(".prediction .top-label").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "predict-page.png"), full_page=True)
+
+    assert expected["model_id"] == model_id
+    assert pinned is True
+    assert shown == expected["predictions"][0]["top"][0]["label"] == label
+    assert page.locator(".prediction .hbars .bar").count() == len(CLASSES)
+
+    page.goto(f"{service.url}/docs")  # self-hosted Swagger UI and ReDoc: the guard fails any CDN fetch
+    page.wait_for_selector(".swagger-ui .info .title:has-text('tuneserve')")
+    page.goto(f"{service.url}/redoc")
+    page.wait_for_selector("h1:has-text('tuneserve')")
+    assert problems == []
