@@ -135,41 +135,54 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def launch(env: dict[str, str], log_dir: Path, workers: int = 1) -> Service:
+    """Migrate, then start the API (uvicorn) and ``workers`` Celery workers as real subprocesses."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, cwd=REPO_ROOT, check=True,
+                   capture_output=True)
+    port = free_port()
+    api_log = (log_dir / "api.log").open("wb")
+    api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port)], env=env,
+                           cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT)
+    service = Service(url=f"http://127.0.0.1:{port}", env=env, processes=[api], log_dir=log_dir)
+    for _ in range(workers):
+        service.start_worker()
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 60, what="the API to answer /healthz")
+    except AssertionError:
+        shutdown(service)
+        raise
+    return service
+
+
+def shutdown(service: Service) -> None:
+    for proc in service.processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in service.processes:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Service]]:
-    """Migrate, then start the API (uvicorn) and one worker as real subprocesses."""
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """``start_service(env, workers=1)``: a live service for this test, stopped at its end."""
     services: list[Service] = []
 
     def start(env: dict[str, str], workers: int = 1) -> Service:
-        log_dir = tmp_path / f"logs-{len(services)}"
-        log_dir.mkdir()
-        subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, cwd=REPO_ROOT, check=True,
-                       capture_output=True)
-        port = free_port()
-        api_log = (log_dir / "api.log").open("wb")
-        api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port)], env=env,
-                               cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT)
-        service = Service(url=f"http://127.0.0.1:{port}", env=env, processes=[api], log_dir=log_dir)
+        service = launch(env, tmp_path / f"logs-{len(services)}", workers)
         services.append(service)
-        for _ in range(workers):
-            service.start_worker()
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, 60, what="the API to answer /healthz")
         return service
 
     yield start
     for service in services:
-        for proc in service.processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in service.processes:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        shutdown(service)

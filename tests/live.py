@@ -1,9 +1,8 @@
 """Helpers for tests that drive a live service: a ready dataset, a tiny job, and a server-sent-events reader."""
 
+import contextlib
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.conftest import REPO_ROOT, Service, free_port, wait_for
+from tests.conftest import Service, launch, shutdown, wait_for
 from tests.synthetic import make_zip
 
 CLASSES = ["red", "green", "blue"]
@@ -29,36 +28,15 @@ def serve(data_dir: Path, database_url: str, broker_url: str, workers: int = 1, 
     env = {**os.environ, "TUNESERVE_DATA_DIR": str(data_dir), "TUNESERVE_DATABASE_URL": database_url,
            "TUNESERVE_BROKER_URL": broker_url, "TUNESERVE_BROKER_KEY_PREFIX": f"test-{uuid.uuid4().hex[:8]}:",
            "TUNESERVE_DEVICE": "cpu", **extra}
-    log_dir = data_dir.parent / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, cwd=REPO_ROOT, check=True,
-                   capture_output=True)
-    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:  # rows of earlier tests
+    # Rows of earlier tests go; a fresh database has no tables yet (launch() migrates it).
+    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn, \
+            contextlib.suppress(psycopg.errors.UndefinedTable):
         conn.execute("TRUNCATE job_epochs, models, jobs, datasets CASCADE")
-    port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port)], env=env, cwd=REPO_ROOT,
-                           stdout=(log_dir / "api.log").open("wb"), stderr=subprocess.STDOUT)
-    service = Service(url=f"http://127.0.0.1:{port}", env=env, processes=[api], log_dir=log_dir)
+    service = launch(env, data_dir.parent / "logs", workers)
     try:
-        for _ in range(workers):
-            service.start_worker()
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, 60, what="the API to answer /healthz")
         yield service
     finally:
-        for proc in service.processes:
-            proc.terminate()
-        for proc in service.processes:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        shutdown(service)
 
 
 def ready_dataset(service: Service, tmp_path: Path, per_class: int = 12) -> dict[str, Any]:

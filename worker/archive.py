@@ -15,6 +15,8 @@ from gzip import GzipFile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from shared.archives import archive_format
+
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 # tarfile reads pax and GNU long-name records whole; no honest one comes near this.
@@ -41,19 +43,6 @@ class Member:
     path: str
     data: bytes
     problem: str | None = None
-
-
-def detect_format(path: Path) -> str | None:
-    """zip, tar.gz or tar by magic bytes (the same test the API applies to the upload)."""
-    with path.open("rb") as handle:
-        head = handle.read(262)
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "zip"
-    if head.startswith(b"\x1f\x8b"):
-        return "tar.gz"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    return None
 
 
 def clean_name(raw: str) -> str:
@@ -154,7 +143,7 @@ class ArchiveReader:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes_read = 0
-        fmt = detect_format(path)
+        fmt = archive_format(path)
         if fmt is None:
             raise ArchiveError("the upload is not a zip, tar or tar.gz archive", "not_an_archive")
         self.format = fmt

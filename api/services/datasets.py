@@ -2,7 +2,6 @@
 
 import os
 import shutil
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -11,6 +10,7 @@ from api.errors import ApiError, not_found
 from api.services import get_or_404
 from api.services.outbox import dispatch
 from api.uploads import SavedFile
+from shared.archives import archive_format
 from shared.celery_app import enqueue_ingest
 from shared.config import Settings
 from shared.jobstate import JobStatus
@@ -20,21 +20,8 @@ from shared.storage import dataset_dir, dataset_upload
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
-def sniff_archive(path: Path) -> str | None:
-    """zip / gzip / tar by magic bytes, not by the name the client chose."""
-    with path.open("rb") as handle:
-        head = handle.read(262)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "zip"
-    if head.startswith(b"\x1f\x8b"):
-        return "tar.gz"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    return None
-
-
 def create(*, session: Session, settings: Settings, upload: SavedFile, name: str | None) -> Dataset:
-    kind = sniff_archive(upload.path)
+    kind = archive_format(upload.path)
     if kind is None:
         raise ApiError(415, "not_an_archive",
                        f"'{upload.filename}' is not a .zip, .tar or .tar.gz archive; zip a folder with one "
