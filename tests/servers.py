@@ -1,5 +1,6 @@
 """Private Postgres and Redis servers for fault tests, so stopping them never touches the machine's own."""
 
+import contextlib
 import glob
 import os
 import shutil
@@ -57,10 +58,8 @@ class PrivatePostgres:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

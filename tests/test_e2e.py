@@ -30,7 +30,7 @@ def run_walkthrough(service: Service, tmp_path: Path) -> None:
         assert dataset["class_counts"] == {c: 50 for c in CLASSES}
 
         job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "hyperparameters": {
-            "epochs": 4, "image_size": 48, "weights": "none", "batch_size": 16}})
+            "epochs": 5, "image_size": 48, "weights": "none", "batch_size": 16}})
         assert job.status_code == 202, job.text
         assert job.json()["status"] == "queued"
         job_id = job.json()["id"]
@@ -46,7 +46,7 @@ def run_walkthrough(service: Service, tmp_path: Path) -> None:
         assert final["status"] == "succeeded", (final["error"], service.logs())
         assert "running" in seen
         assert final["attempts"] == 1
-        assert [h["epoch"] for h in final["history"]] == [1, 2, 3, 4]
+        assert [h["epoch"] for h in final["history"]] == [1, 2, 3, 4, 5]
         assert final["model_id"] and final["metrics"]["test"]["samples"] > 0
 
         heldout = make_heldout(CLASSES, 10)
