@@ -44,6 +44,13 @@ def wait_status(service: Service, job_id: str, statuses: set[str], timeout: floa
                     what=f"job to reach {statuses}")
 
 
+def past_first_epoch(service: Service, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    """A slow job whose first epoch has just been recorded (two more to go)."""
+    job_id = submit(service, ready_dataset(service, tmp_path), SLOW_JOB)
+    wait_for(lambda: len(job(service, job_id)["history"]) >= 1, 120, interval=0.1, what="epoch 1")
+    return job_id
+
+
 @pytest.fixture
 def service(migrated, start_service):  # type: ignore[no-untyped-def]
     env = {**migrated, **FAST_RECOVERY}
@@ -52,8 +59,7 @@ def service(migrated, start_service):  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_kill_9_mid_training_resumes_on_a_new_worker_without_retraining(service, tmp_path):
-    job_id = submit(service, ready_dataset(service, tmp_path), SLOW_JOB)
-    wait_for(lambda: len(job(service, job_id)["history"]) >= 1, 120, interval=0.1, what="epoch 1")
+    job_id = past_first_epoch(service, tmp_path)
     first_worker = service.processes[1]
     first_worker.send_signal(signal.SIGKILL)
     first_worker.wait()
@@ -71,8 +77,7 @@ def test_kill_9_mid_training_resumes_on_a_new_worker_without_retraining(service,
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_releases_the_job_and_exits_cleanly(service, tmp_path):
-    job_id = submit(service, ready_dataset(service, tmp_path), SLOW_JOB)
-    wait_for(lambda: len(job(service, job_id)["history"]) >= 1, 120, interval=0.1, what="epoch 1")
+    job_id = past_first_epoch(service, tmp_path)
     worker = service.processes[1]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
