@@ -16,8 +16,8 @@ def resolve_device(setting: str) -> torch.device:
 
 def amp_dtype(hp: Hyperparameters, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on GPUs that have it, else fp16 (with a GradScaler); fp32 on CPU. On CPUs with
-    AVX512-BF16, ``bf16`` trains ~1.7x faster, but short runs from scratch lost accuracy with it (a 4-epoch
-    run: 0.67 test accuracy against 1.0 in fp32), so CPU users opt in. CPU autocast has no fp16."""
+    AVX512-BF16, ``bf16`` trains ~1.5x faster at 64 px, but short runs from scratch lost accuracy with it
+    (bench/precision.py), so CPU users opt in. CPU autocast has no fp16."""
     if hp.mixed_precision == "off":
         return None
     if hp.mixed_precision == "bf16":
