@@ -1,14 +1,12 @@
-"""Dependencies routes declare in their signatures."""
+"""Dependencies routes declare in their signatures (the caller's principal lives in ``api.auth``)."""
 
-import hashlib
-import hmac
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
 from shared.config import Settings, get_settings
 from shared.db import get_sessionmaker
 
@@ -21,29 +19,20 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+@dataclass(frozen=True)
+class Page:
+    limit: int
+    offset: int
 
 
-def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
-    """The caller's key fingerprint when keys are configured; None when the service is open."""
-    keys = settings.api_key_list
-    if not keys:
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
-    offered = _digest(token.strip())
-    # Compare against every key so the time taken does not reveal which (if any) matched.
-    matched = [hmac.compare_digest(offered, _digest(key)) for key in keys]
-    if not any(matched):
-        raise ApiError(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-    return offered.hex()[:16]
+def get_page(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1)) -> Page:
+    return Page(limit=limit, offset=offset)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ApiKeyDep = Annotated[str | None, Depends(require_api_key)]
-IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+PageDep = Annotated[Page, Depends(get_page)]
+ProjectQuery = Annotated[str | None, Query(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+                                           description="only this project's rows")]
+# Stored as "<principal id>:<key>" (at most 37 + 200 characters, inside the 255 the column holds).
+IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api import observability
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.predictor import Predictor
-from api.routes import datasets, events, health, jobs, models, plots, predict, ui
+from api.routes import datasets, events, health, jobs, keys, models, plots, predict, projects, ui
 from shared.config import get_settings
 
 
@@ -27,8 +27,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="tuneserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Fine-tune ImageNet ResNets on your own labelled images and serve predictions.")
     install_error_handlers(app)
-    for router in (health.router, datasets.router, jobs.router, models.router, predict.router,
-                   events.router, plots.router, observability.router):
+    for router in (health.router, projects.router, keys.router, datasets.router, jobs.router, models.router,
+                   predict.router, events.router, plots.router, observability.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     ui.install_ui(app)
     app.add_middleware(observability.ObservabilityMiddleware)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -28,9 +28,12 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import get_principal, require_admin
+from api.deps import SettingsDep
+from api.services.models import serving_id
 from shared.db import get_sessionmaker
 from shared.jobstate import JobStatus
-from shared.orm import Job, Model
+from shared.orm import Job, Model, Project
 
 log = logging.getLogger("api.access")
 
@@ -68,8 +71,9 @@ class DatabaseCollector(Collector):
             with get_sessionmaker()() as session:
                 counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
                 running = session.execute(select(Job.id, Job.progress).where(Job.status == JobStatus.running)).all()
-                pinned = session.scalar(select(Model.id).where(Model.pinned.is_(True)).limit(1))
-                serving = pinned or session.scalar(select(Model.id).order_by(Model.created_at.desc()).limit(1))
+                serving = {name: serving_id(session=session, project=name)
+                           for name in session.scalars(select(Project.name)).all()}
+                pinned = set(session.scalars(select(Model.id).where(Model.pinned.is_(True))).all())
         except Exception:
             logging.getLogger(__name__).warning("metrics: database unavailable", exc_info=True)
             return
@@ -89,10 +93,11 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily("tuneserve_training_images_per_second_total",
                                 "Training throughput summed over running jobs",
                                 value=sum(float((p or {}).get("images_per_second") or 0) for _, p in running))
-        model = GaugeMetricFamily("tuneserve_model_in_service", "1 for the model /predict serves",
-                                  labels=["model_id", "pinned"])
-        if serving:
-            model.add_metric([serving, "true" if pinned else "false"], 1)
+        model = GaugeMetricFamily("tuneserve_model_in_service", "1 for the model each project serves",
+                                  labels=["project", "model_id", "pinned"])
+        for name, model_id in sorted(serving.items()):
+            if model_id:
+                model.add_metric([name, model_id, "true" if model_id in pinned else "false"], 1)
         yield model
 
 
@@ -103,7 +108,9 @@ router = APIRouter(tags=["health"])
 
 @router.get("/metrics", include_in_schema=True, response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-def metrics() -> Response:
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    if not settings.metrics_open:
+        require_admin(get_principal(request, settings))
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 

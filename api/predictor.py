@@ -249,20 +249,21 @@ class Batcher:
 
 
 class Predictor:
-    """A small LRU of loaded models plus the inference thread. While a newer model loads in the
-    background, requests keep being served by the current one; the swap is one reference assignment."""
+    """Loaded models (a bounded LRU) plus the inference thread. Each project has its own serving model;
+    while a newer one loads in the background, that project's requests keep being served by the current
+    one, and the swap is one reference assignment."""
 
-    def __init__(self, settings: Settings, capacity: int = 3) -> None:
+    def __init__(self, settings: Settings, capacity: int | None = None) -> None:
         self.settings = settings
-        self.capacity = capacity
+        self.capacity = capacity or settings.predict_max_models
         self.batcher = Batcher(max_batch=settings.predict_max_batch, max_wait_s=settings.predict_max_wait_ms / 1000)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Event] = {}
         self._swapping: set[str] = set()
         self._failed: dict[str, float] = {}
-        self._serving_id: tuple[float, str | None] | None = None
-        self.active: str | None = None
+        self._serving_ids: dict[str, tuple[float, str | None]] = {}
+        self.active: dict[str, str] = {}  # project -> the model its requests are served by now
 
     def close(self) -> None:
         self.batcher.close()
@@ -273,9 +274,9 @@ class Predictor:
         want = self.settings.device
         return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
-    def serving_id(self, lookup: Callable[[], str | None]) -> str | None:
-        """The id /predict should serve, read through ``lookup`` at most every SERVING_REFRESH_S."""
-        cached = self._serving_id
+    def serving_id(self, project: str, lookup: Callable[[], str | None]) -> str | None:
+        """The id ``project`` should serve, read through ``lookup`` at most every SERVING_REFRESH_S."""
+        cached = self._serving_ids.get(project)
         now = time.monotonic()
         if cached is not None and now - cached[0] < SERVING_REFRESH_S:
             return cached[1]
@@ -284,18 +285,36 @@ class Predictor:
         except Exception:
             if cached is None or cached[1] is None:
                 raise
-            log.warning("could not read the serving model id; still serving %s", cached[1], exc_info=True)
+            log.warning("could not read the serving model id of %s; still serving %s", project, cached[1],
+                        exc_info=True)
             return cached[1]
-        self._serving_id = (now, value)
+        if len(self._serving_ids) > 10_000:  # projects come and go; the cache must not grow forever
+            self._serving_ids.clear()
+        self._serving_ids[project] = (now, value)
         return value
 
-    def forget_serving_id(self) -> None:
-        """Promote/unpin/delete in this process take effect on the next request."""
-        self._serving_id = None
+    def forget_serving_id(self, project: str) -> None:
+        """Promote/unpin/delete in this process take effect on the project's next request."""
+        self._serving_ids.pop(project, None)
 
     def evict(self, model_id: str) -> None:
         with self._lock:
             self._models.pop(model_id, None)
+            for project in [p for p, m in self.active.items() if m == model_id]:
+                del self.active[project]
+
+    def _make_room(self, keep: str) -> None:
+        """Drop least recently used models past capacity: models no project serves first, then the
+        serving models of the projects used least recently. Holds ``self._lock``."""
+        while len(self._models) > self.capacity:
+            serving = set(self.active.values())
+            victim = next((k for k in self._models if k != keep and k not in serving), None)
+            victim = victim or next((k for k in self._models if k != keep), None)
+            if victim is None:
+                return
+            del self._models[victim]
+            for project in [p for p, m in self.active.items() if m == victim]:
+                del self.active[project]
 
     def get(self, model_id: str) -> LoadedModel:
         """The loaded model, loading it now if needed (blocking)."""
@@ -323,43 +342,45 @@ class Predictor:
         else:
             with self._lock:
                 self._models[model_id] = loaded
-                while len(self._models) > self.capacity:
-                    victim = next((k for k in self._models if k not in (self.active, model_id)), None)
-                    if victim is None:
-                        break
-                    del self._models[victim]
+                self._make_room(keep=model_id)
         finally:
             with self._lock:
                 self._loading.pop(model_id, None)
             event.set()
         return loaded
 
-    def serving(self, wanted: str) -> LoadedModel:
-        """The model to serve when ``wanted`` is the newest/pinned one: swap in only once it is loaded."""
+    def serving(self, project: str, wanted: str) -> LoadedModel:
+        """The model to serve for ``project`` when ``wanted`` is its newest/pinned one: swap in only once
+        it is loaded."""
         with self._lock:
             ready = wanted in self._models
-            active = self._models.get(self.active) if self.active else None
+            current_id = self.active.get(project)
+            active = self._models.get(current_id) if current_id else None
+            if active is not None and current_id is not None:
+                self._models.move_to_end(current_id)
             start = not ready and active is not None and wanted not in self._swapping and (
                 time.monotonic() - self._failed.get(wanted, -RETRY_FAILED_LOAD_S) >= RETRY_FAILED_LOAD_S)
             if start:
                 self._swapping.add(wanted)
         if ready or active is None:
             loaded = self.get(wanted)
-            self.active = wanted
+            self.active[project] = wanted
             return loaded
         if start:
-            threading.Thread(target=self._swap_in, args=(wanted,), daemon=True, name=f"load-{wanted}").start()
+            threading.Thread(target=self._swap_in, args=(project, wanted), daemon=True,
+                             name=f"load-{wanted}").start()
         return active
 
-    def _swap_in(self, model_id: str) -> None:
+    def _swap_in(self, project: str, model_id: str) -> None:
         try:
             self.get(model_id)
         except Exception:
             self._failed[model_id] = time.monotonic()
-            log.exception("background load of model %s failed; still serving %s", model_id, self.active)
+            log.exception("background load of model %s failed; %s still serves %s", model_id, project,
+                          self.active.get(project))
         else:
-            self.active = model_id
-            log.info("now serving model %s", model_id)
+            self.active[project] = model_id
+            log.info("project %s now serves model %s", project, model_id)
         finally:
             with self._lock:
                 self._swapping.discard(model_id)

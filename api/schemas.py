@@ -1,11 +1,15 @@
 """Request and response bodies. Routes return these, never ORM rows."""
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.apikeys import Role
 from shared.hyperparameters import Hyperparameters
+from shared.jobstate import DatasetStatus, JobStatus
+
+PROJECT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
 class Public(BaseModel):
@@ -19,8 +23,9 @@ class RejectedFile(BaseModel):
 
 class DatasetPublic(Public):
     id: str
+    project: str
     name: str
-    status: str
+    status: DatasetStatus
     filename: str
     size_bytes: int
     classes: list[str] | None
@@ -59,8 +64,9 @@ class JobProgress(BaseModel):
 
 class JobPublic(Public):
     id: str
+    project: str
     dataset_id: str
-    status: str
+    status: JobStatus
     hyperparameters: dict[str, Any]
     progress: JobProgress
     history: list[dict[str, Any]] = []
@@ -82,6 +88,7 @@ class JobsPublic(BaseModel):
 
 class ModelPublic(Public):
     id: str
+    project: str
     job_id: str
     dataset_id: str
     base_model: str
@@ -95,6 +102,69 @@ class ModelPublic(Public):
 
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
+    count: int
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=PROJECT_NAME, description="lower-case letters, digits and '-'; at most 63")
+    description: str = Field("", max_length=2000)
+    quota_mb: int | None = Field(None, ge=1, le=2**31 - 1, description="disk the project may hold; none: unlimited")
+
+
+class ProjectUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = Field(None, max_length=2000)
+    quota_mb: int | None = Field(None, ge=1, le=2**31 - 1)
+
+
+class Usage(BaseModel):
+    datasets: int
+    jobs: int
+    models: int
+    bytes: int
+
+
+class ProjectPublic(Public):
+    name: str
+    description: str
+    quota_mb: int | None
+    serving_model_id: str | None = None
+    usage: Usage
+    created_at: datetime
+
+
+class ProjectsPublic(BaseModel):
+    data: list[ProjectPublic]
+    count: int
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    role: Role = Role.member
+    projects: list[Annotated[str, Field(pattern=PROJECT_NAME)]] = Field(default_factory=list, max_length=1000)
+
+
+class KeyPublic(Public):
+    id: str
+    name: str
+    role: Role
+    projects: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the secret: shown only in this response, stored only as a hash")
+
+
+class KeysPublic(BaseModel):
+    data: list[KeyPublic]
     count: int
 
 

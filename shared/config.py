@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     min_image_side: int = Field(16, ge=1)
     predict_max_batch: int = Field(32, ge=1)
     predict_max_wait_ms: float = Field(5.0, ge=0)
+    # Models the API keeps loaded: the serving models of the most recently used projects come first.
+    predict_max_models: int = Field(4, ge=1)
     job_max_attempts: int = Field(3, ge=1)
     heartbeat_seconds: float = Field(5.0, gt=0)
     lease_timeout_seconds: float = Field(60.0, gt=0)
@@ -40,6 +42,8 @@ class Settings(BaseSettings):
     # lease (heartbeat) is what stops a second worker from running a job that is still training.
     visibility_timeout_seconds: int = Field(12 * 3600, gt=0)
     cors_origins: str = ""
+    # With keys set, /metrics needs an admin key unless this opens it to a scraper that cannot send one.
+    metrics_open: bool = False
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -9,6 +9,12 @@ from sqlalchemy.orm import Session
 from shared.orm import Job, utcnow
 
 
+class DatasetStatus(StrEnum):
+    processing = "processing"
+    ready = "ready"
+    failed = "failed"
+
+
 class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
@@ -19,6 +25,7 @@ class JobStatus(StrEnum):
 
 
 FINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+ACTIVE = frozenset({JobStatus.queued, JobStatus.running, JobStatus.cancelling})
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),

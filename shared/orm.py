@@ -32,10 +32,44 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
 
 
+DEFAULT_PROJECT = "default"
+
+
+def project_column(table: str) -> Mapped[str]:
+    """Every dataset, job and model belongs to one project (rows from before projects are in ``default``)."""
+    return mapped_column(String(63), ForeignKey("projects.name", name=f"fk_{table}_project"), index=True,
+                         default=DEFAULT_PROJECT, server_default=DEFAULT_PROJECT)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    quota_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A principal: a named bearer key, stored only as the SHA-256 of its (high-entropy) secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))
+    projects: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project: Mapped[str] = project_column("datasets")
     name: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), index=True)
     filename: Mapped[str] = mapped_column(String(255))
@@ -58,6 +92,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project: Mapped[str] = project_column("jobs")
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -69,11 +104,12 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # "<principal id>:<Idempotency-Key>": the same header value from two keys makes two jobs.
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Set once the broker has the job's message; NULL means the reconciler must (re)send it.
     enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the principal's id
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -97,11 +133,12 @@ class Model(Base):
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project: Mapped[str] = project_column("models")
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     dataset_id: Mapped[str] = mapped_column(String(36), index=True)
     base_model: Mapped[str] = mapped_column(String(32))
     classes: Mapped[list[Any]] = mapped_column(JSON)
     image_size: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    pinned: Mapped[bool] = mapped_column(default=False)
+    pinned: Mapped[bool] = mapped_column(default=False)  # at most one per project
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("TUNESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Every row an earlier test left, except project `default`, which always exists.
+CLEAN_SQL = "TRUNCATE job_epochs, models, jobs, datasets, api_keys CASCADE; DELETE FROM projects WHERE name <> 'default'"
 
 
 def unavailable(what: str, exc: Exception) -> None:
@@ -93,7 +95,7 @@ def migrated(env_for, pg_url, redis_url) -> dict[str, str]:  # type: ignore[no-u
     env = env_for(pg_url, redis_url)
     upgrade()
     with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("TRUNCATE job_epochs, models, jobs, datasets CASCADE")
+        conn.execute(CLEAN_SQL)
     return env
 
 

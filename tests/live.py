@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.conftest import Service, launch, shutdown, wait_for
+from tests.conftest import CLEAN_SQL, Service, launch, shutdown, wait_for
 from tests.synthetic import make_zip
 
 CLASSES = ["red", "green", "blue"]
@@ -31,7 +31,7 @@ def serve(data_dir: Path, database_url: str, broker_url: str, workers: int = 1, 
     # Rows of earlier tests go; a fresh database has no tables yet (launch() migrates it).
     with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn, \
             contextlib.suppress(psycopg.errors.UndefinedTable):
-        conn.execute("TRUNCATE job_epochs, models, jobs, datasets CASCADE")
+        conn.execute(CLEAN_SQL)
     service = launch(env, data_dir.parent / "logs", workers)
     try:
         yield service

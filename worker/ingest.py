@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.orm import Dataset, utcnow
+from shared.quota import remaining_bytes
 from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, write_json
 from worker.archive import ArchiveError, ArchiveReader, Member
 from worker.images import ImageRejected, decode_image
@@ -63,6 +64,16 @@ def _discard_if_deleted(settings: Settings, dataset_id: str) -> None:
         shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)
 
 
+def _fail(settings: Settings, dataset_id: str, **values: Any) -> bool:
+    """Mark the dataset failed and remove its files: a failed dataset can never be trained on, so its
+    upload and partial cache would only hold disk. False if it was no longer processing."""
+    if _set(dataset_id, status="failed", **values):
+        shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)
+        return True
+    _discard_if_deleted(settings, dataset_id)
+    return False
+
+
 def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None:
     """Build the dataset's cache and report; the row ends ``ready`` or ``failed`` with a reason."""
     settings = settings or get_settings()
@@ -73,15 +84,13 @@ def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None
         result = build_cache(dataset_id=dataset_id, settings=settings)
     except (ArchiveError, DatasetInvalid) as exc:
         log.warning("dataset %s failed: %s", dataset_id, exc)
-        if not _set(dataset_id, status="failed", error=str(exc), error_code=exc.code,
-                    rejected=getattr(exc, "rejected", [])[:LIST_LIMIT]):
-            _discard_if_deleted(settings, dataset_id)
+        _fail(settings, dataset_id, error=str(exc), error_code=exc.code,
+              rejected=getattr(exc, "rejected", [])[:LIST_LIMIT])
         return
     except Exception as exc:
-        if not _set(dataset_id, status="failed", error=f"ingestion failed: {type(exc).__name__}: {exc}",
-                    error_code="ingest_error"):
-            _discard_if_deleted(settings, dataset_id)  # its files may have vanished under us: not a failure
-            return
+        if not _fail(settings, dataset_id, error=f"ingestion failed: {type(exc).__name__}: {exc}",
+                     error_code="ingest_error"):
+            return  # its files may have vanished under us (deleted meanwhile): not a failure
         log.exception("dataset %s failed unexpectedly", dataset_id)
         raise
     if not _set(dataset_id, status="ready", error=None, error_code=None, **result):
@@ -149,8 +158,25 @@ class ImageStore:
         self.handle.close()
 
 
+def _quota_left(dataset_id: str, settings: Settings) -> int | None:
+    """Bytes the dataset's project may still add (its upload already counted); None without a quota."""
+    with session_scope() as session:
+        project = session.scalar(select(Dataset.project).where(Dataset.id == dataset_id))
+        if project is None:
+            return None
+        return remaining_bytes(session=session, settings=settings, project=project)
+
+
+def _over_quota(written: int, left: int, rejected: list[dict[str, str]]) -> DatasetInvalid:
+    return DatasetInvalid(f"the decoded images need more than the {left // 2**20} MiB left in the project's quota "
+                          f"(already {written // 2**20} MiB); delete data in the project or ask an admin to raise "
+                          "its quota_mb", "quota_exceeded", rejected)
+
+
 def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
     started = time.monotonic()
+    quota_left = _quota_left(dataset_id, settings)
+    row_bytes = settings.cache_size * settings.cache_size * 3
     reader = ArchiveReader(dataset_upload(settings, dataset_id), max_entries=settings.max_archive_entries,
                            max_bytes=settings.max_archive_mb * 2**20)
     paths = [e.path for e in reader.entries()]
@@ -174,6 +200,8 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
                 if isinstance(outcome, str):
                     rejected.append({"path": path, "reason": outcome})
                 else:
+                    if quota_left is not None and (store.count + 1) * row_bytes > quota_left:
+                        raise _over_quota(store.count * row_bytes, quota_left, rejected)
                     store.append(outcome)
                     kept.append(path)
                     hashes[path] = digest

@@ -3,6 +3,7 @@ messages for rows the broker never got. Runs as a thread in every worker; every 
 guarded UPDATE, so any number of workers can run it at once."""
 
 import logging
+import shutil
 import threading
 from datetime import timedelta
 
@@ -11,8 +12,9 @@ from sqlalchemy import or_, select, update
 from shared.celery_app import enqueue_ingest, enqueue_train
 from shared.config import Settings, get_settings
 from shared.db import session_scope
-from shared.jobstate import JobStatus, transition
+from shared.jobstate import FINAL, JobStatus, transition
 from shared.orm import Dataset, Job, utcnow
+from shared.storage import job_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ def reap_stale_jobs(*, settings: Settings) -> list[str]:
         if won:
             log.warning("job %s lost its worker (last heartbeat %s); it was %s", job_id, beat, status)
             moved.append(job_id)
+            with session_scope() as session:
+                final = session.scalar(select(Job.status).where(Job.id == job_id)) in FINAL
+            if final:  # failed or cancelled: it will never resume, so its checkpoints only take disk
+                shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
     return moved
 
 

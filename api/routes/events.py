@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, SessionDep
+from api.auth import Principal, PrincipalDep
 from api.routes.jobs import to_public
 from api.services import jobs
 from shared.db import get_sessionmaker
@@ -39,9 +39,9 @@ class Seen:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-def _snapshot(job_id: str) -> tuple[dict[str, Any], Seen]:
+def _snapshot(job_id: str, principal: Principal) -> tuple[dict[str, Any], Seen]:
     with get_sessionmaker()() as session:
-        job = jobs.get(session=session, job_id=job_id)
+        job = jobs.get(session=session, job_id=job_id, principal=principal)
         history = jobs.history(session=session, job_id=job_id)
         public = to_public(job, history).model_dump(mode="json")
         progress = dict(job.progress or {})
@@ -74,9 +74,9 @@ def _frame(event_id: int, event: str, data: dict[str, Any]) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _stream(request: Request, job_id: str, first_id: int) -> AsyncIterator[str]:
+async def _stream(request: Request, job_id: str, principal: Principal, first_id: int) -> AsyncIterator[str]:
     event_id = first_id
-    snapshot, seen = await run_in_threadpool(_snapshot, job_id)
+    snapshot, seen = await run_in_threadpool(_snapshot, job_id, principal)
     yield "retry: 2000\n\n"
     yield _frame(event_id, "snapshot", snapshot)
     idle = 0.0
@@ -99,11 +99,10 @@ async def _stream(request: Request, job_id: str, first_id: int) -> AsyncIterator
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}})
-async def job_events(job_id: str, request: Request, session: SessionDep, _: ApiKeyDep,
+async def job_events(job_id: str, request: Request, principal: PrincipalDep,
                      last_event_id: str | None = Header(None, alias="Last-Event-ID", max_length=32)
                      ) -> StreamingResponse:
-    jobs.get(session=session, job_id=job_id)  # 404 before the stream starts, not inside it
-    session.close()
+    await run_in_threadpool(_snapshot, job_id, principal)  # 404 before the stream starts, not inside it
     first_id = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
-    return StreamingResponse(_stream(request, job_id, first_id), media_type="text/event-stream",
+    return StreamingResponse(_stream(request, job_id, principal, first_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

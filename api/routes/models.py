@@ -1,62 +1,69 @@
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
-from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.auth import PrincipalDep
+from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.predictor import PredictorDep
 from api.schemas import ModelPublic, ModelsPublic
-from api.services import artifacts, models
+from api.services import artifacts, models, project_or_404
 from api.services.artifacts import ArtifactFormat
-from shared.orm import Model
+from shared.orm import DEFAULT_PROJECT, Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def to_public(model: Model, serving: str | None) -> ModelPublic:
+def to_public(model: Model, serving: set[str]) -> ModelPublic:
     public = ModelPublic.model_validate(model)
-    public.serving = model.id == serving
+    public.serving = model.id in serving
     return public
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(session: SessionDep, _: ApiKeyDep, limit: int = Query(50, ge=1, le=500),
-                offset: int = Query(0, ge=0, le=2**31 - 1)) -> ModelsPublic:
-    rows, count = models.list_(session=session, limit=limit, offset=offset)
-    serving = models.serving_id(session=session)
+def list_models(session: SessionDep, principal: PrincipalDep, page: PageDep, project: ProjectQuery = None
+                ) -> ModelsPublic:
+    rows, count = models.list_(session=session, principal=principal, project=project, limit=page.limit,
+                               offset=page.offset)
+    serving = models.serving_ids(session=session, models=rows)
     return ModelsPublic(data=[to_public(r, serving) for r in rows], count=count)
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
-def get_model(model_id: str, session: SessionDep, _: ApiKeyDep) -> ModelPublic:
-    return to_public(models.get(session=session, model_id=model_id), models.serving_id(session=session))
+def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> ModelPublic:
+    model = models.get(session=session, model_id=model_id, principal=principal)
+    return to_public(model, models.serving_ids(session=session, models=[model]))
 
 
 @router.post("/{model_id}/promote", response_model=ModelPublic)
-def promote_model(model_id: str, session: SessionDep, predictor: PredictorDep, _: ApiKeyDep) -> ModelPublic:
-    model = models.promote(session=session, model_id=model_id)
-    predictor.forget_serving_id()
-    return to_public(model, model.id)
+def promote_model(model_id: str, session: SessionDep, predictor: PredictorDep, principal: PrincipalDep
+                  ) -> ModelPublic:
+    model = models.promote(session=session, model_id=model_id, principal=principal)
+    predictor.forget_serving_id(model.project)
+    return to_public(model, {model.id})
 
 
-@router.delete("/pin", status_code=204)
-def unpin_model(session: SessionDep, predictor: PredictorDep, _: ApiKeyDep) -> Response:
-    models.unpin(session=session)
-    predictor.forget_serving_id()
+@router.delete("/pin", status_code=204, deprecated=True,
+               description="Unpins project `default` (or `?project=`); prefer DELETE /v1/projects/{name}/pin.")
+def unpin_model(session: SessionDep, predictor: PredictorDep, principal: PrincipalDep,
+                project: ProjectQuery = None) -> Response:
+    name = project_or_404(session, project or DEFAULT_PROJECT, principal=principal).name
+    models.unpin(session=session, project=name)
+    predictor.forget_serving_id(name)
     return Response(status_code=204)
 
 
 @router.delete("/{model_id}", status_code=204)
 def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, predictor: PredictorDep,
-                 _: ApiKeyDep) -> Response:
-    models.delete(session=session, settings=settings, model_id=model_id)
+                 principal: PrincipalDep, force: bool = False) -> Response:
+    model = models.delete(session=session, settings=settings, model_id=model_id, principal=principal, force=force)
     predictor.evict(model_id)
-    predictor.forget_serving_id()
+    predictor.forget_serving_id(model.project)
     return Response(status_code=204)
 
 
 @router.get("/{model_id}/artifact", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
-def model_artifact(model_id: str, session: SessionDep, settings: SettingsDep, _: ApiKeyDep,
+def model_artifact(model_id: str, session: SessionDep, settings: SettingsDep, principal: PrincipalDep,
                    format: ArtifactFormat = ArtifactFormat.safetensors) -> FileResponse:
-    models.get(session=session, model_id=model_id)
+    models.get(session=session, model_id=model_id, principal=principal)
     path = artifacts.artifact_path(settings=settings, model_id=model_id, fmt=format)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.{path.suffix.lstrip('.')}")

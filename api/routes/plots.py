@@ -8,9 +8,11 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.auth import Principal, PrincipalDep
+from api.deps import SettingsDep
 from api.errors import ApiError
 from api.services import jobs, models
+from shared.db import get_sessionmaker
 from shared.storage import model_dir
 
 router = APIRouter(tags=["plots"])
@@ -79,33 +81,38 @@ def render_confusion(matrix: list[list[int]], classes: list[str], title: str) ->
 
 
 @router.get("/v1/jobs/{job_id}/plots/curves.png", response_class=Response, responses=PNG)
-async def job_curves(job_id: str, session: SessionDep, _: ApiKeyDep) -> Response:
-    job = jobs.get(session=session, job_id=job_id)
-    history = jobs.history(session=session, job_id=job_id)
-    title = f"job {job_id[:8]} · {job.status} · {len(history)} epoch(s)"
-    png = await run_in_threadpool(render_curves, history, title)
-    return Response(png, media_type="image/png", headers=NO_STORE)
+async def job_curves(job_id: str, principal: PrincipalDep) -> Response:
+    def draw() -> bytes:  # database and matplotlib both block: neither runs on the event loop
+        with get_sessionmaker()() as session:
+            job = jobs.get(session=session, job_id=job_id, principal=principal)
+            history = jobs.history(session=session, job_id=job_id)
+        return render_curves(history, f"job {job_id[:8]} · {job.status} · {len(history)} epoch(s)")
+
+    return Response(await run_in_threadpool(draw), media_type="image/png", headers=NO_STORE)
 
 
 @router.get("/v1/models/{model_id}/plots/confusion.png", response_class=Response, responses=PNG)
-async def model_confusion(model_id: str, session: SessionDep, _: ApiKeyDep) -> Response:
-    model = models.get(session=session, model_id=model_id)
+async def model_confusion(model_id: str, principal: PrincipalDep) -> Response:
+    return Response(await run_in_threadpool(_confusion_png, model_id, principal), media_type="image/png")
+
+
+def _confusion_png(model_id: str, principal: Principal) -> bytes:
+    with get_sessionmaker()() as session:
+        model = models.get(session=session, model_id=model_id, principal=principal)
     matrix = ((model.metrics or {}).get("test") or {}).get("confusion_matrix")
     if not matrix:
         raise ApiError(404, "no_confusion_matrix",
                        f"model {model_id} has no test-split confusion matrix (its test split was empty); "
                        "train with test_fraction > 0")
-    png = await run_in_threadpool(render_confusion, matrix, list(model.classes),
-                                  f"model {model_id[:8]} · test split")
-    return Response(png, media_type="image/png")
+    return render_confusion(matrix, list(model.classes), f"model {model_id[:8]} · test split")
 
 
 @router.get("/v1/models/{model_id}/misclassified/{name}", response_class=FileResponse,
             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
-def misclassified_image(model_id: str, name: str, session: SessionDep, settings: SettingsDep, _: ApiKeyDep
-                        ) -> FileResponse:
+def misclassified_image(model_id: str, name: str, settings: SettingsDep, principal: PrincipalDep) -> FileResponse:
     """A thumbnail the trainer saved under ``models/<id>/misclassified/`` (listed in metrics.test.misclassified)."""
-    models.get(session=session, model_id=model_id)
+    with get_sessionmaker()() as session:
+        models.get(session=session, model_id=model_id, principal=principal)
     path = model_dir(settings, model_id) / "misclassified" / name
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}\.(jpg|png)", name) or name.startswith(".") or not path.is_file():
         raise ApiError(404, "image_not_found", f"model {model_id} has no misclassified example named '{name[:128]}'")

@@ -6,12 +6,15 @@ from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, SessionDep, SettingsDep
+from api.auth import Principal, PrincipalDep
+from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.predictor import LoadedModel, Predictor, PredictorDep, prepare_images
 from api.schemas import Prediction, PredictResponse, Score
-from api.services import models
+from api.services import models, project_or_404
 from api.uploads import receive_form
+from shared.config import Settings
+from shared.orm import DEFAULT_PROJECT
 
 router = APIRouter(tags=["predict"])
 
@@ -30,33 +33,56 @@ def _top_k(raw: str | None) -> int:
     return value
 
 
-def _model_for(*, predictor: Predictor, session: Session, wanted: str | None) -> LoadedModel:
+def _model_for(*, predictor: Predictor, session: Session, principal: Principal, project: str | None,
+               wanted: str | None) -> LoadedModel:
+    """``wanted`` if given (in ``project`` when one is named), else what the project serves."""
     if wanted:
-        models.get(session=session, model_id=wanted)
+        model = models.get(session=session, model_id=wanted, principal=principal)
+        if project is not None and model.project != project:
+            raise ApiError(404, "model_not_found", f"project '{project}' has no model {wanted}")
         return predictor.get(wanted)
-    serving = predictor.serving_id(lambda: models.serving_id(session=session))
+    name = project or DEFAULT_PROJECT
+    project_or_404(session, name, principal=principal)
+    serving = predictor.serving_id(name, lambda: models.serving_id(session=session, project=name))
     if serving is None:
-        raise ApiError(503, "no_model", "no model has been trained yet; POST /v1/jobs and wait for it to succeed")
-    return predictor.serving(serving)
+        raise ApiError(503, "no_model", f"project '{name}' has no trained model yet; POST /v1/jobs and wait for "
+                       "it to succeed")
+    return predictor.serving(name, serving)
 
 
-def _prepare(*, predictor: Predictor, session: Session, wanted: str | None, files: list[tuple[str, Path]],
-             max_pixels: int) -> tuple[LoadedModel, Any]:
+def _prepare(*, predictor: Predictor, session: Session, principal: Principal, project: str | None,
+             wanted: str | None, files: list[tuple[str, Path]], max_pixels: int) -> tuple[LoadedModel, Any]:
     """The model, then the images cropped as it needs them: one trip to the threadpool per request."""
-    loaded = _model_for(predictor=predictor, session=session, wanted=wanted)
+    loaded = _model_for(predictor=predictor, session=session, principal=principal, project=project, wanted=wanted)
     return loaded, prepare_images(files, image_size=loaded.image_size, max_pixels=max_pixels)
 
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "top_k": {"type": "integer", "minimum": 1}, "model_id": {"type": "string"}}}}}}}
+        "top_k": {"type": "integer", "minimum": 1}, "model_id": {"type": "string"},
+        "project": {"type": "string", "description": "whose model serves the request (default 'default')"}}}}}}}
 
 
 @router.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY)
 @router.post("/predict", response_model=PredictResponse, include_in_schema=False)
 async def predict(request: Request, session: SessionDep, settings: SettingsDep, predictor: PredictorDep,
-                  _: ApiKeyDep) -> PredictResponse:
+                  principal: PrincipalDep) -> PredictResponse:
+    return await _predict(request=request, session=session, settings=settings, predictor=predictor,
+                          principal=principal, project=None)
+
+
+@router.post("/v1/projects/{name}/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY,
+             tags=["projects"])
+async def predict_in_project(name: str, request: Request, session: SessionDep, settings: SettingsDep,
+                             predictor: PredictorDep, principal: PrincipalDep) -> PredictResponse:
+    await run_in_threadpool(project_or_404, session, name, principal=principal)  # before reading the body
+    return await _predict(request=request, session=session, settings=settings, predictor=predictor,
+                          principal=principal, project=name)
+
+
+async def _predict(*, request: Request, session: Session, settings: Settings, predictor: Predictor,
+                   principal: Principal, project: str | None) -> PredictResponse:
     with predictor.batcher.expecting() as ticket:
         try:
             form = await receive_form(request, spool_dir=settings.data_dir / "tmp",
@@ -77,8 +103,11 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep, 
                                f"got {len(files)}")
             top_k = _top_k(form.fields.get("top_k", request.query_params.get("top_k")))
             wanted = form.fields.get("model_id") or request.query_params.get("model_id")
+            if project is None:
+                project = form.fields.get("project") or request.query_params.get("project")
             named = [(f.filename or f"file{i}", f.path) for i, f in enumerate(files)]
-            loaded, inputs = await run_in_threadpool(_prepare, predictor=predictor, session=session, wanted=wanted,
+            loaded, inputs = await run_in_threadpool(_prepare, predictor=predictor, session=session,
+                                                     principal=principal, project=project, wanted=wanted,
                                                      files=named, max_pixels=settings.max_image_pixels)
         finally:
             form.cleanup()

@@ -6,8 +6,9 @@ import shutil
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.auth import Principal
 from api.errors import ApiError, not_found
-from api.services import get_or_404
+from api.services import get_or_404, scoped
 from api.services.outbox import dispatch
 from api.uploads import SavedFile
 from shared.archives import archive_format
@@ -20,7 +21,8 @@ from shared.storage import dataset_dir, dataset_upload
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
-def create(*, session: Session, settings: Settings, upload: SavedFile, name: str | None) -> Dataset:
+def create(*, session: Session, settings: Settings, upload: SavedFile, name: str | None, project: str) -> Dataset:
+    """A dataset in ``project`` (already checked: visible to the caller and within its quota)."""
     kind = archive_format(upload.path)
     if kind is None:
         raise ApiError(415, "not_an_archive",
@@ -33,7 +35,7 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
     stem = upload.filename
     for suffix in ARCHIVE_SUFFIXES:
         stem = stem.removesuffix(suffix)
-    dataset = Dataset(id=dataset_id, name=(name or stem or dataset_id)[:255], status="processing",
+    dataset = Dataset(id=dataset_id, project=project, name=(name or stem or dataset_id)[:255], status="processing",
                       filename=upload.filename[:255], size_bytes=upload.size, rejected=[], report={},
                       progress={"processed": 0, "total": None})
     session.add(dataset)
@@ -42,15 +44,17 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
     return dataset
 
 
-def get(*, session: Session, dataset_id: str) -> Dataset:
-    dataset = get_or_404(session, Dataset, "dataset", dataset_id)
+def get(*, session: Session, dataset_id: str, principal: Principal) -> Dataset:
+    dataset = get_or_404(session, Dataset, "dataset", dataset_id, principal=principal)
     if dataset.status == "deleted":
         raise not_found("dataset", dataset_id)
     return dataset
 
 
-def list_(*, session: Session, status: str | None, limit: int, offset: int) -> tuple[list[Dataset], int]:
-    query = select(Dataset).where(Dataset.status != "deleted")
+def list_(*, session: Session, principal: Principal, project: str | None, status: str | None, limit: int,
+          offset: int) -> tuple[list[Dataset], int]:
+    query = scoped(select(Dataset).where(Dataset.status != "deleted"), Dataset.project, session=session,
+                   principal=principal, project=project)
     if status:
         query = query.where(Dataset.status == status)
     count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -58,8 +62,8 @@ def list_(*, session: Session, status: str | None, limit: int, offset: int) -> t
     return list(rows), count
 
 
-def delete(*, session: Session, settings: Settings, dataset_id: str) -> None:
-    dataset = get(session=session, dataset_id=dataset_id)
+def delete(*, session: Session, settings: Settings, dataset_id: str, principal: Principal) -> None:
+    dataset = get(session=session, dataset_id=dataset_id, principal=principal)
     active = session.scalar(select(func.count()).where(
         Job.dataset_id == dataset_id,
         Job.status.in_([JobStatus.queued, JobStatus.running, JobStatus.cancelling])))

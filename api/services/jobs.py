@@ -2,53 +2,58 @@
 
 import hashlib
 import json
+import shutil
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.auth import OPEN, Principal
 from api.errors import ApiError
 from api.schemas import JobCreate
-from api.services import datasets, get_or_404
+from api.services import datasets, get_or_404, scoped
 from api.services.outbox import dispatch
 from shared.celery_app import enqueue_train
-from shared.jobstate import FINAL, JobStatus, transition
-from shared.orm import Job, JobEpoch, new_id
+from shared.config import Settings
+from shared.jobstate import ACTIVE, FINAL, DatasetStatus, JobStatus, transition
+from shared.orm import Job, JobEpoch, Model, new_id
+from shared.storage import job_dir
 
 
 def _request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def create(*, session: Session, body: JobCreate, idempotency_key: str | None, owner: str | None,
+def create(*, session: Session, body: JobCreate, idempotency_key: str | None, principal: Principal,
            max_active: int) -> Job:
     digest = _request_hash(body)
-    if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+    # Scoped by principal: another key's Idempotency-Key never finds (or reveals) this key's job.
+    scoped_key = f"{principal.id}:{idempotency_key}" if idempotency_key else None
+    if scoped_key:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == scoped_key))
         if existing is not None:
-            return _same_request(existing, digest, idempotency_key)
-    if owner is not None:
-        active = session.scalar(select(func.count()).where(
-            Job.owner == owner, Job.status.in_([JobStatus.queued, JobStatus.running, JobStatus.cancelling]))) or 0
+            return _same_request(existing, digest, idempotency_key or "")
+    if principal != OPEN:  # an open service has one user; a cap would only get in its way
+        active = session.scalar(select(func.count()).where(Job.owner == principal.id, Job.status.in_(ACTIVE))) or 0
         if active >= max_active:
             raise ApiError(429, "too_many_jobs", f"this API key already has {active} queued or running jobs "
                            f"(limit {max_active}, TUNESERVE_MAX_ACTIVE_JOBS_PER_KEY); wait for some to finish",
                            headers={"Retry-After": "30"})
-    dataset = datasets.get(session=session, dataset_id=body.dataset_id)
-    if dataset.status != "ready":
+    dataset = datasets.get(session=session, dataset_id=body.dataset_id, principal=principal)
+    if dataset.status != DatasetStatus.ready:
         raise ApiError(409, "dataset_not_ready",
                        f"dataset {dataset.id} is {dataset.status}"
                        + (f" ({dataset.error})" if dataset.error else "") + "; wait until it is ready")
-    job = Job(id=new_id(), dataset_id=dataset.id, status=JobStatus.queued.value,
+    job = Job(id=new_id(), project=dataset.project, dataset_id=dataset.id, status=JobStatus.queued.value,
               hyperparameters=body.hyperparameters.model_dump(mode="json"), progress={}, attempts=0,
-              idempotency_key=idempotency_key, request_hash=digest, owner=owner)
+              idempotency_key=scoped_key, request_hash=digest, owner=principal.id)
     session.add(job)
     try:
         session.commit()
     except IntegrityError:
         # Two requests with the same key raced; the one that committed is the answer.
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        existing = session.scalar(select(Job).where(Job.idempotency_key == scoped_key))
         if existing is None:
             raise
         return _same_request(existing, digest, idempotency_key or "")
@@ -63,8 +68,8 @@ def _same_request(existing: Job, digest: str, key: str) -> Job:
     return existing
 
 
-def get(*, session: Session, job_id: str) -> Job:
-    return get_or_404(session, Job, "job", job_id)
+def get(*, session: Session, job_id: str, principal: Principal) -> Job:
+    return get_or_404(session, Job, "job", job_id, principal=principal)
 
 
 def history(*, session: Session, job_id: str) -> list[dict]:
@@ -72,9 +77,9 @@ def history(*, session: Session, job_id: str) -> list[dict]:
     return [row.metrics for row in rows]
 
 
-def list_(*, session: Session, status: str | None, dataset_id: str | None, limit: int, offset: int
-          ) -> tuple[list[Job], int]:
-    query = select(Job)
+def list_(*, session: Session, principal: Principal, project: str | None, status: str | None,
+          dataset_id: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    query = scoped(select(Job), Job.project, session=session, principal=principal, project=project)
     if status:
         query = query.where(Job.status == status)
     if dataset_id:
@@ -84,8 +89,8 @@ def list_(*, session: Session, status: str | None, dataset_id: str | None, limit
     return list(rows), count
 
 
-def cancel(*, session: Session, job_id: str) -> Job:
-    job = get(session=session, job_id=job_id)
+def cancel(*, session: Session, settings: Settings, job_id: str, principal: Principal) -> Job:
+    job = get(session=session, job_id=job_id, principal=principal)
     for _ in range(3):  # the job may move between our read and our guarded update
         current = JobStatus(job.status)
         if current in FINAL:
@@ -95,7 +100,23 @@ def cancel(*, session: Session, job_id: str) -> Job:
         target = JobStatus.cancelled if current == JobStatus.queued else JobStatus.cancelling
         if transition(session=session, job_id=job_id, expected=current, to=target):
             session.commit()
+            if target == JobStatus.cancelled:  # a requeued job may hold a checkpoint from its first attempt
+                shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
             break
         session.rollback()
         session.refresh(job)
     return job
+
+
+def delete(*, session: Session, settings: Settings, job_id: str, principal: Principal) -> None:
+    """Remove a finished job, its history and its checkpoints; its model (if any) must go first."""
+    job = get(session=session, job_id=job_id, principal=principal)
+    if JobStatus(job.status) not in FINAL:
+        raise ApiError(409, "job_active", f"job {job_id} is {job.status}; cancel it and wait until it is cancelled")
+    model_id = session.scalar(select(Model.id).where(Model.job_id == job_id).limit(1))
+    if model_id is not None:
+        raise ApiError(409, "job_has_model", f"job {job_id} produced model {model_id}, which is still in the "
+                       f"registry; DELETE /v1/models/{model_id} first")
+    session.delete(job)
+    session.commit()
+    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)

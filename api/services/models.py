@@ -1,52 +1,65 @@
-"""Model registry operations behind the routes."""
+"""Model registry operations behind the routes. Each project serves its pinned model, else its newest."""
 
 import shutil
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from api.auth import Principal
 from api.errors import ApiError
-from api.services import get_or_404
+from api.services import get_or_404, scoped
 from shared.config import Settings
 from shared.orm import Model
 from shared.storage import model_dir
 
 
-def serving_id(*, session: Session) -> str | None:
-    """The pinned model, else the newest one."""
-    pinned = session.scalar(select(Model.id).where(Model.pinned.is_(True)).limit(1))
+def serving_id(*, session: Session, project: str) -> str | None:
+    """The project's pinned model, else its newest one."""
+    pinned = session.scalar(select(Model.id).where(Model.project == project, Model.pinned.is_(True))
+                            .order_by(Model.created_at.desc()).limit(1))
     if pinned:
         return pinned
-    return session.scalar(select(Model.id).order_by(Model.created_at.desc(), Model.id).limit(1))
+    return session.scalar(select(Model.id).where(Model.project == project)
+                          .order_by(Model.created_at.desc(), Model.id).limit(1))
 
 
-def get(*, session: Session, model_id: str) -> Model:
-    return get_or_404(session, Model, "model", model_id)
+def get(*, session: Session, model_id: str, principal: Principal) -> Model:
+    return get_or_404(session, Model, "model", model_id, principal=principal)
 
 
-def list_(*, session: Session, limit: int, offset: int) -> tuple[list[Model], int]:
-    count = session.scalar(select(func.count()).select_from(Model)) or 0
-    rows = session.scalars(select(Model).order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)).all()
+def list_(*, session: Session, principal: Principal, project: str | None, limit: int, offset: int
+          ) -> tuple[list[Model], int]:
+    query = scoped(select(Model), Model.project, session=session, principal=principal, project=project)
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)).all()
     return list(rows), count
 
 
-def promote(*, session: Session, model_id: str) -> Model:
-    model = get(session=session, model_id=model_id)
-    session.execute(update(Model).where(Model.id != model_id).values(pinned=False))
+def serving_ids(*, session: Session, models: list[Model]) -> set[str]:
+    """Which of ``models`` their projects serve right now."""
+    return {sid for project in {m.project for m in models} if (sid := serving_id(session=session, project=project))}
+
+
+def promote(*, session: Session, model_id: str, principal: Principal) -> Model:
+    model = get(session=session, model_id=model_id, principal=principal)
+    session.execute(update(Model).where(Model.project == model.project, Model.id != model_id).values(pinned=False))
     model.pinned = True
     session.commit()
     return model
 
 
-def unpin(*, session: Session) -> None:
-    session.execute(update(Model).values(pinned=False))
+def unpin(*, session: Session, project: str) -> None:
+    session.execute(update(Model).where(Model.project == project).values(pinned=False))
     session.commit()
 
 
-def delete(*, session: Session, settings: Settings, model_id: str) -> None:
-    model = get(session=session, model_id=model_id)
-    if serving_id(session=session) == model_id:
-        raise ApiError(409, "model_serving", f"model {model_id} is the one /predict serves; promote another first")
+def delete(*, session: Session, settings: Settings, model_id: str, principal: Principal, force: bool) -> Model:
+    """Remove a model; the one its project serves only with ``force`` (the project then serves the next)."""
+    model = get(session=session, model_id=model_id, principal=principal)
+    if not force and serving_id(session=session, project=model.project) == model_id:
+        raise ApiError(409, "model_serving", f"model {model_id} is the one project '{model.project}' serves; "
+                       "promote another first, or add ?force=true")
     session.delete(model)
     session.commit()
     shutil.rmtree(model_dir(settings, model_id), ignore_errors=True)
+    return model

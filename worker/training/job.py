@@ -109,12 +109,13 @@ def claim(*, job_id: str, settings: Settings) -> Job | None:
         return session.get(Job, job_id)
 
 
-def _fail(job_id: str, message: str, code: str) -> None:
+def _fail(job_id: str, message: str, code: str, settings: Settings) -> None:
     with session_scope() as session:
-        for expected in (JobStatus.running, JobStatus.cancelling):
-            if transition(session=session, job_id=job_id, expected=expected, to=JobStatus.failed,
-                          also=Job.worker_id == WORKER_ID, error=message, error_code=code, worker_id=None):
-                return
+        failed = any(transition(session=session, job_id=job_id, expected=expected, to=JobStatus.failed,
+                                also=Job.worker_id == WORKER_ID, error=message, error_code=code, worker_id=None)
+                     for expected in (JobStatus.running, JobStatus.cancelling))
+    if failed:  # a failed job never resumes: its checkpoints are only disk used
+        shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
 
 
 def run_training_job(job_id: str, *, settings: Settings | None = None) -> None:
@@ -126,10 +127,10 @@ def run_training_job(job_id: str, *, settings: Settings | None = None) -> None:
         with JobReporter(job_id, settings) as reporter:
             _train(job, settings, reporter)
     except (WeightsUnavailable, NotEnoughGpus) as exc:
-        _fail(job_id, str(exc), exc.code)
+        _fail(job_id, str(exc), exc.code, settings)
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        _fail(job_id, f"training failed: {type(exc).__name__}: {exc}", "training_error")
+        _fail(job_id, f"training failed: {type(exc).__name__}: {exc}", "training_error", settings)
 
 
 def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
@@ -157,13 +158,16 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
     mine = Job.worker_id == WORKER_ID
     if result.stopped == "cancelled":
         with session_scope() as session:
-            if not reporter.lost.is_set() and not transition(
-                    session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
-                    also=mine, worker_id=None):
+            cancelled = not reporter.lost.is_set() and transition(
+                session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
+                also=mine, worker_id=None)
+            if not cancelled and not reporter.lost.is_set():
                 # Not a user's cancel: this worker is shutting down. Hand the job back; it resumes
                 # from its last checkpoint wherever the reconciler sends it next.
                 transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.queued,
                            also=mine, worker_id=None, heartbeat_at=None, enqueued_at=None)
+        if cancelled:
+            shutil.rmtree(work, ignore_errors=True)
         return
     model_id = new_id()
     metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,
@@ -179,7 +183,8 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
     write_thumbnails(directory=model_dir(settings, model_id), images=data.images,
                      picks=result.test.get("misclassified", []))
     with session_scope() as session:
-        session.add(Model(id=model_id, job_id=job.id, dataset_id=job.dataset_id, base_model=hp.base_model,
+        session.add(Model(id=model_id, project=job.project, job_id=job.id, dataset_id=job.dataset_id,
+                          base_model=hp.base_model,
                           classes=data.classes, image_size=hp.image_size, metrics=metrics))
         session.flush()
         won = transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.succeeded,
@@ -190,8 +195,10 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
             session.rollback()
             shutil.rmtree(model_dir(settings, model_id), ignore_errors=True)
             with session_scope() as s2:
-                transition(session=s2, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
-                           also=mine, worker_id=None)
+                cancelled = transition(session=s2, job_id=job.id, expected=JobStatus.cancelling,
+                                       to=JobStatus.cancelled, also=mine, worker_id=None)
+            if cancelled:
+                shutil.rmtree(work, ignore_errors=True)
             return
     shutil.rmtree(work, ignore_errors=True)
     if torch.cuda.is_available():
