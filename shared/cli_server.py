@@ -1,0 +1,68 @@
+"""Server verbs: migrate, api, worker, dev."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from shared.cli_app import app
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the newest revision."""
+    from shared.migrate import upgrade
+
+    upgrade()
+
+
+def _serve(host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    # The API logs JSON lines itself (one per request), so uvicorn's access log and log config stay off.
+    uvicorn.run("api.main:app", host=host, port=port, log_level=log_level, proxy_headers=True, log_config=None,
+                access_log=False)
+
+
+Host = Annotated[str, typer.Option("--host", help="interface to listen on")]
+Port = Annotated[int, typer.Option("--port", help="TCP port")]
+LogLevel = Annotated[str, typer.Option("--log-level", help="uvicorn log level")]
+
+
+@app.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
+    """Serve the HTTP API."""
+    _serve(host, port, log_level)
+
+
+@app.command()
+def worker(queues: Annotated[str, typer.Option("--queues", help="comma-separated: ingest, train")] = "ingest,train",
+           name: Annotated[str | None, typer.Option("--name", help="worker name prefix")] = None,
+           log_level: Annotated[str, typer.Option("--log-level")] = "INFO") -> None:
+    """Run a Celery worker (solo pool: one job at a time, one per GPU)."""
+    from shared.celery_app import get_celery
+
+    argv = ["worker", "--pool=solo", "--concurrency=1", f"--queues={queues}", f"--loglevel={log_level}",
+            f"--hostname={name or 'tuneserve'}-{os.getpid()}@{socket.gethostname()}", "--without-gossip",
+            "--without-mingle"]
+    get_celery().worker_main(argv)
+
+
+@app.command()
+def dev(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
+    """Migrate, then run the API and one worker (embedded defaults); Ctrl-C stops both."""
+    migrate()
+    child = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train"])
+    try:
+        _serve(host, port, log_level)
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
