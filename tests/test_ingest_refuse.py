@@ -63,7 +63,7 @@ def test_path_escaping_entries_fail_the_dataset_and_write_nothing_outside(settin
     assert (dataset.status, dataset.error_code) == ("failed", "unsafe_archive")
     assert dataset.error.startswith("archive entry '") and dataset.error.endswith(reason)
     assert not target.exists() and files_under(outside) == set()
-    assert files_under(tmp_path) == {archive.name, f"data/datasets/{dataset.id}/upload"}
+    assert files_under(tmp_path) == {archive.name}  # a failed dataset's upload is removed too
 
 
 def _link(kind: str) -> tarfile.TarInfo:
@@ -212,8 +212,8 @@ def test_a_class_below_the_minimum_after_rejections_fails(settings, tmp_path):
     assert dataset.error == ("classes with fewer than 3 valid images: 'dogs' (2); add images or remove those "
                              "folders")
     assert dataset.rejected == [{"path": "dogs/002.jpg", "reason": "not a JPEG, PNG, WEBP, BMP, GIF or TIFF image"}]
-    # The images were decoded into a temporary cache; failing removed it whole, leaving only the upload.
-    assert [p.name for p in dataset_dir(settings, dataset.id).iterdir()] == ["upload"]
+    # The images were decoded into a temporary cache; failing removed it and the upload: nothing is left.
+    assert not dataset_dir(settings, dataset.id).exists()
 
 
 def test_nothing_valid_fails_with_no_images(settings, tmp_path):

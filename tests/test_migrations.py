@@ -1,19 +1,20 @@
 """Alembic is the only way the schema changes: it must go up and down cleanly and match the ORM."""
 
 import uuid
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from shared.db import make_engine
 from shared.migrate import downgrade, upgrade
 from shared.orm import Base
 from tests.conftest import PG_ADMIN
 
-TABLES = {"datasets", "jobs", "job_epochs", "models", "alembic_version"}
+TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -55,3 +56,44 @@ def test_downgrade_to_base_and_up_again(fresh_url):
     assert tables(fresh_url) == {"alembic_version"}
     upgrade(fresh_url)
     assert tables(fresh_url) == TABLES
+
+
+def test_0002_era_rows_move_into_project_default(fresh_url):
+    """A database written before projects (revision 0002) upgrades with every row in `default`,
+    owners and Idempotency-Keys re-scoped to the bootstrap principal, and the rows still usable."""
+    upgrade(fresh_url, "0002")
+    now = datetime.now(UTC)
+    engine = make_engine(fresh_url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO datasets (id, name, status, filename, size_bytes, num_images, rejected, report, progress, "
+            "created_at, updated_at, enqueued_at) VALUES ('d1', 'old', 'ready', 'old.zip', 10, 10, '[]', '{}', "
+            "'{}', :now, :now, :now)"), {"now": now})
+        connection.execute(text(
+            "INSERT INTO jobs (id, dataset_id, status, hyperparameters, progress, attempts, idempotency_key, "
+            "owner, created_at, updated_at, enqueued_at) VALUES ('j1', 'd1', 'succeeded', '{}', '{}', 1, 'k-1', "
+            "'abcdef0123456789', :now, :now, :now)"), {"now": now})
+        connection.execute(text(
+            "INSERT INTO models (id, job_id, dataset_id, base_model, classes, image_size, metrics, pinned, "
+            "created_at) VALUES ('m1', 'j1', 'd1', 'resnet18', '[\"a\", \"b\"]', 32, '{}', true, :now)"),
+            {"now": now})
+    engine.dispose()
+
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT name FROM projects")).scalars().all() == ["default"]
+        for table in ("datasets", "jobs", "models"):
+            assert connection.execute(text(f"SELECT project FROM {table}")).scalars().all() == ["default"]
+        assert connection.execute(text("SELECT owner, idempotency_key FROM jobs")).one() == (
+            "env-abcdef0123456789", "env-abcdef0123456789:k-1")
+        assert connection.execute(text("SELECT pinned FROM models")).scalar() in (True, 1)
+    engine.dispose()
+
+    downgrade(fresh_url, "0002")
+    engine = make_engine(fresh_url)
+    with engine.connect() as connection:
+        assert "project" not in {c["name"] for c in inspect(connection).get_columns("jobs")}
+        assert connection.execute(text("SELECT owner FROM jobs")).scalar() == "abcdef0123456789"
+        assert connection.execute(text("SELECT count(*) FROM models")).scalar() == 1
+    engine.dispose()
