@@ -111,3 +111,109 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
     page.goto(f"{service.url}/redoc")
     page.wait_for_selector("h1:has-text('tuneserve')")
     assert problems == []
+
+
+def _move(model_id: str, project: str) -> tuple[str, str]:
+    """A published model's dataset, job and model rows into ``project``; returns (job_id, dataset_id)."""
+    from shared.db import session_scope
+    from shared.orm import Dataset, Job, Model
+
+    with session_scope() as session:
+        model = session.get(Model, model_id)
+        for row in (model, session.get(Job, model.job_id), session.get(Dataset, model.dataset_id)):
+            row.project = project
+        return model.job_id, model.dataset_id
+
+
+def _page(context, problems: list[str]):  # type: ignore[no-untyped-def]
+    page = context.new_page()
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.set_default_timeout(30_000)
+    return page
+
+
+def _rows(page, selector: str, attribute: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return page.eval_on_selector_all(selector, f"(rows) => rows.map((r) => r.getAttribute('{attribute}'))")
+
+
+def test_the_project_switcher_filters_every_page_and_a_member_lands_on_its_project(
+        migrated, start_service, browser, tmp_path):
+    from tests.model_rows import publish_model
+
+    service = start_service({**migrated, "TUNESERVE_API_KEYS": API_KEY})
+    admin = {"Authorization": f"Bearer {API_KEY}"}
+    with service.client(headers=admin) as client:
+        for name, quota in (("team-a", None), ("team-b", 50)):
+            assert client.post("/v1/projects", json={"name": name, "description": f"{name} images",
+                                                     "quota_mb": quota}).status_code == 201
+        member = client.post("/v1/keys", json={"name": "bea", "role": "member", "projects": ["team-b"]}).json()["key"]
+    model_a, model_b = publish_model(seed=1), publish_model(seed=2)
+    _move(model_a, "team-a")
+    job_b, dataset_b = _move(model_b, "team-b")
+    archive = make_zip(tmp_path / "bees.zip", classes=CLASSES, per_class=6, size=32)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = _page(context, problems)
+
+    page.goto(f"{service.url}/#/models")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-save")
+    page.wait_for_selector("#project-serving")
+    assert page.eval_on_selector_all("#project-select option", "(o) => o.map((x) => x.value)") == [
+        "default", "team-a", "team-b"]
+    assert page.input_value("#project-select") == "default"  # nothing remembered yet
+    assert page.locator("#models-list").count() == 0 and page.get_attribute("#project-serving", "data-serving") == ""
+
+    page.select_option("#project-select", "team-a")
+    page.wait_for_selector(f"#project-serving[data-serving='{model_a}']")
+    assert _rows(page, "#models-list tr[data-model]", "data-model") == [model_a]
+    page.select_option("#project-select", "team-b")
+    page.wait_for_selector(f"#project-serving[data-serving='{model_b}']")
+    assert _rows(page, "#models-list tr[data-model]", "data-model") == [model_b]
+    page.click("a[data-nav=jobs]")
+    page.wait_for_selector(f"#jobs-list tr[data-job='{job_b}']")
+    assert _rows(page, "#jobs-list tr[data-job]", "data-job") == [job_b]
+    assert page.eval_on_selector_all("#job-dataset option", "(o) => o.map((x) => x.value)") == [dataset_b]
+    page.click("a[data-nav=datasets]")
+    page.wait_for_selector(f"#datasets-list tr[data-dataset='{dataset_b}']")
+    assert _rows(page, "#datasets-list tr[data-dataset]", "data-dataset") == [dataset_b]
+
+    page.reload()  # the choice is remembered in this browser
+    page.wait_for_selector(f"#datasets-list tr[data-dataset='{dataset_b}']")
+    assert page.input_value("#project-select") == "team-b"
+    page.set_input_files("#dataset-drop-input", str(archive))  # uploads into the chosen project
+    page.wait_for_selector("h1 .badge")
+    with service.client(headers=admin) as client:
+        uploaded = client.get(f"/v1/datasets/{page.url.rsplit('/', 1)[1]}").json()
+    assert uploaded["project"] == "team-b"
+
+    page.select_option("#project-select", "team-a")
+    page.click("a[data-nav=predict]")
+    page.wait_for_selector("#predict-drop")
+    label, image = make_heldout(["red"], 1)[0]
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+        page.evaluate(DROP, [base64.b64encode(image).decode(), "red.jpg"])
+    assert answer.value.url == f"{service.url}/v1/projects/team-a/predict"
+    assert answer.value.json()["model_id"] == model_a
+    page.wait_for_selector(".prediction .top-label")
+
+    page.click("a[data-nav=projects]")
+    page.wait_for_selector("#projects-list tr[data-project='team-b'] .bar")
+    assert _rows(page, "#projects-list tr[data-project]", "data-project") == ["default", "team-a", "team-b"]
+    assert page.get_attribute("#projects-list tr.current", "data-project") == "team-a"
+    assert "of 50 MiB" in page.inner_text("#projects-list tr[data-project='team-b']")
+    page.screenshot(path=str(ARTIFACTS / "projects-page.png"), full_page=True)
+
+    # A member key of team-b alone, in a fresh browser: it lands on team-b, not on 'default' (a 404 for it).
+    other = _page(browser.new_context(viewport={"width": 1280, "height": 800}), problems)
+    other.goto(f"{service.url}/#/datasets")
+    other.fill("#key-input", member)
+    other.click("#key-save")
+    other.wait_for_selector(f"#datasets-list tr[data-dataset='{dataset_b}']")
+    assert other.input_value("#project-select") == "team-b"
+    assert other.eval_on_selector_all("#project-select option", "(o) => o.map((x) => x.value)") == ["team-b"]
+    assert sorted(_rows(other, "#datasets-list tr[data-dataset]", "data-dataset")) == sorted(
+        [dataset_b, uploaded["id"]])
+    assert problems == []

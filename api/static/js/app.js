@@ -1,15 +1,17 @@
-// The page shell: a hash router, per-page timers and streams stopped on navigation, and the API-key dialog.
+// The page shell: a hash router, per-page timers and streams stopped on navigation, the API-key dialog and the
+// project switcher (pages read the current project from projects.js).
 import { apiKey, onKeyNeeded } from "./api.js";
 import { datasetPage, datasetsPage } from "./datasets.js";
 import { jobPage, jobsPage } from "./jobs.js";
 import { modelPage, modelsPage, predictPage } from "./models.js";
+import { loadProjects, project, projectsPage } from "./projects.js";
 import { fill, h, toast } from "./ui.js";
 
 const routes = [
   [/^\/datasets\/([\w-]+)$/, datasetPage], [/^\/datasets$/, datasetsPage],
   [/^\/jobs\/([\w-]+)$/, jobPage], [/^\/jobs$/, jobsPage],
   [/^\/models\/([\w-]+)$/, modelPage], [/^\/models$/, modelsPage],
-  [/^\/predict$/, predictPage],
+  [/^\/predict$/, predictPage], [/^\/projects$/, projectsPage],
 ];
 
 const dialog = document.getElementById("key-dialog");
@@ -29,8 +31,10 @@ function askForKey() {
   });
 }
 
+// A new key may see other projects: after one is saved, reload the switcher and draw the page again.
+const withNewKey = (saved) => { if (saved) setTimeout(reload); return saved; };
 let pending = null;
-onKeyNeeded(() => (pending ??= askForKey().finally(() => (pending = null))));
+onKeyNeeded(() => (pending ??= askForKey().then(withNewKey).finally(() => (pending = null))));
 document.getElementById("key-save").addEventListener("click", (e) => {
   e.preventDefault();
   dialog.close("saved");
@@ -40,7 +44,16 @@ document.getElementById("key-clear").addEventListener("click", () => {
   keyInput.value = "";
   dialog.close("cleared");
 });
-document.getElementById("key-button").addEventListener("click", () => askForKey().then((saved) => saved && render()));
+document.getElementById("key-button").addEventListener("click", () => askForKey().then(withNewKey));
+
+// Switching project keeps the section but leaves a detail page (its item belongs to the old project).
+const projectSelect = document.getElementById("project-select");
+projectSelect.addEventListener("change", () => {
+  project.set(projectSelect.value);
+  const section = (location.hash.slice(1) || "/datasets").split("?")[0].split("/")[1] || "datasets";
+  if (location.hash === `#/${section}`) render();
+  else location.hash = `#/${section}`;
+});
 
 let stops = [];
 let generation = 0;
@@ -66,16 +79,26 @@ async function render() {
   };
   const cleanup = (stop) => stops.push(stop);
   try {
-    await page(view, { id, params: new URLSearchParams(query), every, cleanup });
+    await page(view, { id, params: new URLSearchParams(query), every, cleanup, rerender: reload });
   } catch (error) {
     if (mine !== generation) return;
     view.append(h("div", { class: "error" }, error.message,
-      error.status === 401 ? [" ", h("button", { onclick: () => askForKey().then((ok) => ok && render()) }, "Enter API key")] : ""));
+      error.status === 401 ? [" ", h("button", { onclick: () => askForKey().then(withNewKey) }, "Enter API key")] : ""));
   }
+}
+
+// The switcher first (it settles which project the pages show), then the page.
+async function reload() {
+  try {
+    await loadProjects();
+  } catch (error) {
+    if (error.status !== 401) toast(error.message);
+  }
+  return render();
 }
 
 // Ask for a key up front when the service needs one, rather than provoking a 401 first.
 const config = await fetch("/ui/config.json").then((r) => r.json());
 if (config.auth_required && !apiKey.get()) await askForKey();
 window.addEventListener("hashchange", render);
-render();
+reload();

@@ -1,5 +1,6 @@
 // Datasets: upload by drag-and-drop with a progress bar, the list, and one dataset's report.
 import { api, upload } from "./api.js";
+import { follow, project } from "./projects.js";
 import { badge, dropZone, fill, h, hbars, progressBar, short, toast, when } from "./ui.js";
 
 export async function datasetsPage(view, { every }) {
@@ -13,7 +14,8 @@ export async function datasetsPage(view, { every }) {
     bar.hidden = false;
     const label = bar.querySelector("span.muted");
     try {
-      const dataset = await upload("/v1/datasets", form, (f) => {
+      // The project in the URL, not the form: a quota can refuse the upload before its body is sent.
+      const dataset = await upload(`/v1/datasets?${project.query()}`, form, (f) => {
         bar.replaceChild(progressBar(f), bar.firstChild);
         label.textContent = `uploading ${file.name}: ${Math.round(100 * f)}%`;
       });
@@ -24,18 +26,18 @@ export async function datasetsPage(view, { every }) {
       toast(error.message);
     }
   };
-  view.append(h("h1", {}, "Datasets"),
+  view.append(h("h1", {}, "Datasets ", h("span", { class: "muted project-name" }, `in ${project.get()}`)),
     h("div", { class: "card" },
-      h("h2", {}, "Upload"),
+      h("h2", {}, `Upload to ${project.get()}`),
       h("p", { class: "muted" }, "A .zip or .tar.gz of class sub-folders (cat/…, dog/…), optionally with train/val/test on top."),
       h("div", { class: "row" }, name),
       h("p"), dropZone({ id: "dataset-drop", accept: ".zip,.tar.gz,.tgz,application/zip,application/gzip",
         text: "Drop an archive here, or click to choose one", onFiles: send }),
       h("p"), bar),
-    h("div", { class: "card" }, h("h2", {}, "All datasets"), list));
+    h("div", { class: "card" }, h("h2", {}, `Datasets in ${project.get()}`), list));
 
   const refresh = async () => {
-    const { data } = await api("/v1/datasets?limit=100");
+    const { data } = await api(`/v1/datasets?limit=100&${project.query()}`);
     fill(list, data.length ? h("table", {},
       h("tr", {}, ["name", "status", "classes", "images", "created", ""].map((t) => h("th", {}, t))),
       data.map((d) => h("tr", { "data-dataset": d.id },
@@ -43,7 +45,7 @@ export async function datasetsPage(view, { every }) {
         h("td", {}, (d.classes || []).length || "–"), h("td", { class: "num" }, d.num_images),
         h("td", { class: "muted" }, when(d.created_at)),
         h("td", {}, d.status === "ready" ? h("a", { href: `#/jobs?dataset=${d.id}` }, "train") : ""))))
-      : h("p", { class: "muted" }, "No datasets yet."));
+      : h("p", { class: "muted" }, `No datasets in ${project.get()} yet.`));
   };
   await refresh();
   every(3000, refresh);
@@ -73,6 +75,7 @@ export async function datasetPage(view, { id, every }) {
           counts.length ? hbars(counts.map(([c, n]) => [c, n])) : h("p", { class: "muted" }, "–")),
         h("div", { class: "card" }, h("h2", {}, "Summary"),
           h("table", {},
+            h("tr", {}, h("th", {}, "project"), h("td", {}, d.project)),
             h("tr", {}, h("th", {}, "file"), h("td", {}, d.filename)),
             h("tr", {}, h("th", {}, "size"), h("td", {}, `${(d.size_bytes / 2 ** 20).toFixed(2)} MiB`)),
             h("tr", {}, h("th", {}, "classes"), h("td", {}, (d.classes || []).join(", ") || "–")),
@@ -88,6 +91,7 @@ export async function datasetPage(view, { id, every }) {
     return d;
   };
   let dataset = render(await api(`/v1/datasets/${id}`));
+  follow(dataset.project);
   every(1000, async () => {
     if (dataset.status === "processing") dataset = render(await api(`/v1/datasets/${id}`));
   });

@@ -1,5 +1,6 @@
 // Jobs: the new-job form (fields and defaults read from the API's own schema), the live list, one job's page.
 import { api, followJob, imageUrl } from "./api.js";
+import { follow, project } from "./projects.js";
 import { badge, duration, fill, h, jobFraction, legend, lineChart, num, pct, progressBar, short, toast, when } from "./ui.js";
 
 const MAIN_FIELDS = ["base_model", "weights", "epochs", "batch_size", "learning_rate", "image_size"];
@@ -42,7 +43,7 @@ function changed(inputs) {
 }
 
 async function newJobForm(preselect) {
-  const [schema, datasets] = await Promise.all([api("/openapi.json"), api("/v1/datasets?status=ready&limit=200")]);
+  const [schema, datasets] = await Promise.all([api("/openapi.json"), api(`/v1/datasets?status=ready&limit=200&${project.query()}`)]);
   const props = schema.components.schemas.Hyperparameters.properties;
   const built = Object.fromEntries(Object.entries(props).map(([name, s]) => [name, field(name, s)]));
   const inputs = Object.values(built).map(([, input]) => input);
@@ -64,8 +65,8 @@ async function newJobForm(preselect) {
   h("div", { class: "fields" }, MAIN_FIELDS.filter((n) => built[n]).map((n) => built[n][0])),
   h("details", {}, h("summary", {}, "More hyperparameters (defaults shown)"),
     h("div", { class: "fields" }, Object.keys(built).filter((n) => !MAIN_FIELDS.includes(n)).map((n) => built[n][0]))),
-  datasets.data.length ? submit : h("p", { class: "muted" }, "Upload a dataset first."));
-  return h("div", { class: "card" }, h("h2", {}, "New job"), form);
+  datasets.data.length ? submit : h("p", { class: "muted" }, `Upload a dataset to ${project.get()} first.`));
+  return h("div", { class: "card" }, h("h2", {}, `New job in ${project.get()}`), form);
 }
 
 function jobRow(job) {
@@ -81,12 +82,13 @@ function jobRow(job) {
 
 export async function jobsPage(view, { params, every }) {
   const list = h("div", { id: "jobs-list" });
-  view.append(h("h1", {}, "Jobs"), await newJobForm(params.get("dataset")), h("div", { class: "card" }, h("h2", {}, "All jobs"), list));
+  view.append(h("h1", {}, "Jobs ", h("span", { class: "muted project-name" }, `in ${project.get()}`)),
+    await newJobForm(params.get("dataset")), h("div", { class: "card" }, h("h2", {}, `Jobs in ${project.get()}`), list));
   const refresh = async () => {
-    const { data } = await api("/v1/jobs?limit=100");
+    const { data } = await api(`/v1/jobs?limit=100&${project.query()}`);
     fill(list, data.length ? h("table", {},
       h("tr", {}, ["job", "status", "progress", "epoch", "ETA", "model", "created", ""].map((t) => h("th", {}, t))),
-      data.map(jobRow)) : h("p", { class: "muted" }, "No jobs yet."));
+      data.map(jobRow)) : h("p", { class: "muted" }, `No jobs in ${project.get()} yet.`));
   };
   await refresh();
   every(1500, refresh);
@@ -94,6 +96,7 @@ export async function jobsPage(view, { params, every }) {
 
 export async function jobPage(view, { id, cleanup }) {
   let job = await api(`/v1/jobs/${id}`);
+  follow(job.project);
   let history = job.history || [];
   const status = h("span", { id: "job-status" });
   const bar = h("div");
@@ -130,7 +133,7 @@ export async function jobPage(view, { id, cleanup }) {
   };
   const summary = h("div", { class: "card" },
     h("div", { class: "row" }, status, h("span", { style: "flex:1" }, bar), cancel), h("p"), detail,
-    h("p", { class: "muted" }, `dataset `, h("a", { href: `#/datasets/${job.dataset_id}` }, short(job.dataset_id)),
+    h("p", { class: "muted" }, `project ${job.project} · dataset `, h("a", { href: `#/datasets/${job.dataset_id}` }, short(job.dataset_id)),
       ` · attempts ${job.attempts} · created ${when(job.created_at)}`),
     h("details", {}, h("summary", {}, "hyperparameters"), h("pre", { class: "mono" }, JSON.stringify(job.hyperparameters, null, 1))),
     result);

@@ -1,28 +1,49 @@
 // Models: the registry, one model's test metrics, confusion matrix, mistakes and the promote button; predict.
 import { api, imageUrl } from "./api.js";
+import { follow, project } from "./projects.js";
 import { badge, dropZone, fill, h, hbars, num, pct, short, toast, when } from "./ui.js";
 
-export async function modelsPage(view) {
-  const { data } = await api("/v1/models?limit=100");
-  view.append(h("h1", {}, "Models"), h("div", { class: "card" }, data.length ? h("table", { id: "models-list" },
+// "Project X serves model Y (pinned | its newest)", with a button back to "newest" when one is pinned.
+function servingCard(info, models, rerender) {
+  const id = info.serving_model_id;
+  const pinned = models.some((m) => m.id === id && m.pinned);
+  const unpin = h("button", { class: "ghost", id: "unpin", onclick: async () => {
+    try {
+      await api(`/v1/projects/${project.path()}/pin`, { method: "DELETE" });
+      toast(`project ${info.name} serves its newest model again`);
+      rerender();
+    } catch (error) { toast(error.message); }
+  } }, "Unpin: serve the newest");
+  return h("div", { class: "card", id: "project-serving", "data-serving": id || "" }, h("div", { class: "row" },
+    id ? h("span", {}, `Project ${info.name} serves `, h("a", { href: `#/models/${id}` }, h("b", { class: "mono" }, short(id))),
+      pinned ? " (pinned)" : " (its newest model)", " at ", h("code", {}, `/v1/projects/${info.name}/predict`))
+      : h("span", { class: "muted" }, `Project ${info.name} serves no model yet: /v1/projects/${info.name}/predict answers 503.`),
+    h("span", { style: "flex:1" }), pinned ? unpin : ""));
+}
+
+export async function modelsPage(view, { rerender }) {
+  const [{ data }, info] = await Promise.all([api(`/v1/models?limit=100&${project.query()}`), api(`/v1/projects/${project.path()}`)]);
+  view.append(h("h1", {}, "Models ", h("span", { class: "muted project-name" }, `in ${project.get()}`)),
+    servingCard(info, data, rerender), h("div", { class: "card" }, data.length ? h("table", { id: "models-list" },
     h("tr", {}, ["model", "base", "classes", "test accuracy", "macro F1", "created", ""].map((t) => h("th", {}, t))),
     data.map((m) => {
       const test = (m.metrics || {}).test || {};
       return h("tr", { "data-model": m.id }, h("td", {}, h("a", { href: `#/models/${m.id}` }, short(m.id))),
         h("td", {}, m.base_model), h("td", {}, m.classes.length), h("td", { class: "num" }, pct(test.accuracy)),
         h("td", { class: "num" }, num(test.macro_f1)), h("td", { class: "muted" }, when(m.created_at)),
-        h("td", {}, m.serving ? badge("serving") : ""));
-    })) : h("p", { class: "muted" }, "No models yet: train one from the Jobs page.")));
+        h("td", {}, m.serving ? badge("serving") : "", m.pinned ? " pinned" : ""));
+    })) : h("p", { class: "muted" }, `No models in ${project.get()} yet: train one from the Jobs page.`)));
 }
 
 export async function modelPage(view, { id }) {
   const model = await api(`/v1/models/${id}`);
+  follow(model.project);
   const test = (model.metrics || {}).test || {};
   const perClass = Object.entries(test.per_class || {});
   const promote = h("button", { id: "promote", disabled: model.pinned, onclick: async () => {
     try {
       await api(`/v1/models/${id}/promote`, { method: "POST" });
-      toast(`model ${short(id)} now serves /predict`);
+      toast(`model ${short(id)} now serves project ${model.project}`);
       promote.disabled = true;
       promote.textContent = "Pinned";
       fill(state, badge("serving"), " pinned");
@@ -34,7 +55,7 @@ export async function modelPage(view, { id }) {
   view.append(
     h("h1", {}, `Model ${short(id)} `, state),
     h("div", { class: "card" }, h("div", { class: "row" },
-      h("span", {}, `${model.base_model} · ${model.classes.length} classes · ${model.image_size}px · job `,
+      h("span", {}, `project ${model.project} · ${model.base_model} · ${model.classes.length} classes · ${model.image_size}px · job `,
         h("a", { href: `#/jobs/${model.job_id}` }, short(model.job_id)), " · dataset ",
         h("a", { href: `#/datasets/${model.dataset_id}` }, short(model.dataset_id))),
       h("span", { style: "flex:1" }), promote),
@@ -64,7 +85,7 @@ export async function modelPage(view, { id }) {
 }
 
 export async function predictPage(view) {
-  const { data } = await api("/v1/models?limit=100");
+  const { data } = await api(`/v1/models?limit=100&${project.query()}`);
   const serving = data.find((m) => m.serving);
   const model = h("select", { id: "predict-model" }, data.map((m) =>
     h("option", { value: m.id, selected: m === serving }, `${short(m.id)} · ${m.base_model} · ${m.classes.join(", ").slice(0, 60)}${m.serving ? " (serving)" : ""}`)));
@@ -77,7 +98,7 @@ export async function predictPage(view) {
     form.append("model_id", model.value);
     fill(results, h("p", { class: "muted" }, "classifying…"));
     try {
-      const body = await api("/v1/predict", { method: "POST", form });
+      const body = await api(`/v1/projects/${project.path()}/predict`, { method: "POST", form });
       fill(results, ...body.predictions.map((p, i) => h("div", { class: "card prediction", "data-label": p.top[0].label },
         h("div", { class: "row" }, h("img", { class: "preview", src: URL.createObjectURL(files[i]), alt: p.filename }),
           h("div", { style: "flex:1" }, h("h2", {}, p.filename, " → ", h("span", { class: "top-label" }, p.top[0].label)),
@@ -86,8 +107,8 @@ export async function predictPage(view) {
       fill(results, h("div", { class: "error" }, error.message));
     }
   };
-  view.append(h("h1", {}, "Predict"), h("div", { class: "card" },
+  view.append(h("h1", {}, "Predict ", h("span", { class: "muted project-name" }, `in ${project.get()}`)), h("div", { class: "card" },
     data.length ? [h("div", { class: "row" }, h("label", { class: "field" }, "model", model), h("label", { class: "field" }, "top k", topK)), h("p"),
       dropZone({ id: "predict-drop", accept: "image/*", multiple: true, text: "Drop images here, or click to choose", onFiles: classify })]
-      : h("p", { class: "muted" }, "No model yet: train one first.")), results);
+      : h("p", { class: "muted" }, `No model in ${project.get()} yet: train one first.`)), results);
 }

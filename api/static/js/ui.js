@@ -25,6 +25,14 @@ export function fill(node, ...children) {
 export const short = (id) => (id ? id.slice(0, 8) : "");
 export const pct = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)}%` : "–");
 export const num = (x, digits = 3) => (typeof x === "number" && Number.isFinite(x) ? x.toFixed(digits) : "–");
+// 1536 -> "1.5 KiB": binary units, as quotas are set in MiB.
+export function bytes(n) {
+  if (typeof n !== "number" || !Number.isFinite(n)) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${n} B` : `${n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
+}
 export const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
 
 export function duration(seconds) {
