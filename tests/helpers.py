@@ -7,19 +7,20 @@ from shared.jobstate import JobStatus
 from shared.orm import Dataset, Job, new_id
 
 
-def ready_dataset(name: str = "ds") -> str:
+def ready_dataset(name: str = "ds", project: str = "default") -> str:
     """A dataset row marked ready (its files are not needed by tests that never train on it)."""
     with session_scope() as session:
-        dataset = Dataset(id=new_id(), name=name, status="ready", filename=f"{name}.zip", size_bytes=1,
+        dataset = Dataset(id=new_id(), project=project, name=name, status="ready", filename=f"{name}.zip", size_bytes=1,
                           classes=["a", "b"], class_counts={"a": 5, "b": 5}, num_images=10, rejected=[], report={},
                           progress={})
         session.add(dataset)
         return dataset.id
 
 
-def job_row(dataset_id: str, status: JobStatus = JobStatus.queued) -> str:
+def job_row(dataset_id: str, status: JobStatus = JobStatus.queued, project: str = "default") -> str:
     with session_scope() as session:
-        job = Job(id=new_id(), dataset_id=dataset_id, status=status.value, hyperparameters={}, progress={})
+        job = Job(id=new_id(), project=project, dataset_id=dataset_id, status=status.value, hyperparameters={},
+                  progress={})
         session.add(job)
         return job.id
 

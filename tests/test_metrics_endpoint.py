@@ -58,7 +58,8 @@ def test_metrics_read_jobs_queue_speed_and_serving_model_from_the_database(servi
     assert samples[("tuneserve_queue_depth", ())] == 2
     assert samples[("tuneserve_training_images_per_second", (("job_id", running),))] == 123.5
     assert samples[("tuneserve_training_images_per_second_total", ())] == 123.5
-    assert samples[("tuneserve_model_in_service", (("model_id", model), ("pinned", "true"), ("project", "default")))] == 1
+    serving = (("model_id", model), ("pinned", "true"), ("project", "default"))
+    assert samples[("tuneserve_model_in_service", serving)] == 1
 
 
 def test_requests_are_counted_by_route_template_and_logged_as_json_with_ids(service):

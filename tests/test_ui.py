@@ -113,18 +113,6 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
     assert problems == []
 
 
-def _move(model_id: str, project: str) -> tuple[str, str]:
-    """A published model's dataset, job and model rows into ``project``; returns (job_id, dataset_id)."""
-    from shared.db import session_scope
-    from shared.orm import Dataset, Job, Model
-
-    with session_scope() as session:
-        model = session.get(Model, model_id)
-        for row in (model, session.get(Job, model.job_id), session.get(Dataset, model.dataset_id)):
-            row.project = project
-        return model.job_id, model.dataset_id
-
-
 def _page(context, problems: list[str]):  # type: ignore[no-untyped-def]
     page = context.new_page()
     page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
@@ -140,6 +128,7 @@ def _rows(page, selector: str, attribute: str) -> list[str]:  # type: ignore[no-
 def test_the_project_switcher_filters_every_page_and_a_member_lands_on_its_project(
         migrated, start_service, browser, tmp_path):
     from tests.model_rows import publish_model
+    from tests.project_rows import move_to_project
 
     service = start_service({**migrated, "TUNESERVE_API_KEYS": API_KEY})
     admin = {"Authorization": f"Bearer {API_KEY}"}
@@ -149,8 +138,8 @@ def test_the_project_switcher_filters_every_page_and_a_member_lands_on_its_proje
                                                      "quota_mb": quota}).status_code == 201
         member = client.post("/v1/keys", json={"name": "bea", "role": "member", "projects": ["team-b"]}).json()["key"]
     model_a, model_b = publish_model(seed=1), publish_model(seed=2)
-    _move(model_a, "team-a")
-    job_b, dataset_b = _move(model_b, "team-b")
+    move_to_project(model_a, "team-a")
+    job_b, dataset_b = move_to_project(model_b, "team-b")
     archive = make_zip(tmp_path / "bees.zip", classes=CLASSES, per_class=6, size=32)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
