@@ -55,3 +55,11 @@ def model_artifact(*, classes: tuple[str, ...] = ("a", "b"), image_size: int = 3
         session.add(Model(id=model_id, job_id=job_id, dataset_id=dataset_id, base_model="resnet18",
                           classes=list(classes), image_size=image_size, metrics={}))
     return model_id
+
+
+def project_row(name: str, quota_mb: int | None = None) -> str:
+    from shared.orm import Project
+
+    with session_scope() as session:
+        session.add(Project(name=name, description="", quota_mb=quota_mb))
+    return name

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -93,12 +94,17 @@ def test_sigterm_checkpoints_releases_the_job_and_exits_cleanly(service, tmp_pat
 def test_cancelling_a_running_job_stops_it_and_the_worker_takes_the_next(service, tmp_path):
     dataset_id = ready_dataset(service, tmp_path)
     long_job = submit(service, dataset_id, {**FAST_JOB, "epochs": 500})
-    wait_status(service, long_job, {"running"}, 60)
+    checkpoints = Path(service.env["TUNESERVE_DATA_DIR"]) / "jobs" / long_job
+    wait_for(lambda: len(job(service, long_job)["history"]) >= 1 and checkpoints.exists(), 120, interval=0.1,
+             what="a first epoch and its checkpoint")
     asked = time.monotonic()
     assert httpx.post(f"{service.url}/v1/jobs/{long_job}/cancel").json()["status"] == "cancelling"
     wait_status(service, long_job, {"cancelled"}, 10)
     assert time.monotonic() - asked < 10
     assert job(service, long_job)["model_id"] is None
+    assert not checkpoints.exists()  # a cancelled job never resumes: its checkpoints go when it ends
+    assert httpx.delete(f"{service.url}/v1/jobs/{long_job}").status_code == 204
+    assert httpx.get(f"{service.url}/v1/jobs/{long_job}").status_code == 404
     next_job = submit(service, dataset_id, FAST_JOB)
     assert wait_status(service, next_job, {"succeeded", "failed"}, 120)["status"] == "succeeded"
 
