@@ -53,7 +53,7 @@ PREDICT_BATCH_SIZE = Histogram("tuneserve_predict_batch_size", "Images per model
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
 PREDICT_BATCH_LATENCY = Histogram("tuneserve_predict_batch_seconds", "Model forward pass time per predictor batch",
                                   buckets=LATENCY_BUCKETS, registry=REGISTRY)
-PREDICT_ROUTES = frozenset({"/v1/predict", "/predict"})
+PREDICT_ROUTES = frozenset({"/v1/predict", "/predict", "/v1/projects/{name}/predict"})
 _JOB_PATH = re.compile(r"^/v1/jobs/([0-9a-fA-F-]{8,36})(?:/|$)")
 
 
