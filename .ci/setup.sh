@@ -39,8 +39,8 @@ if local_url "$REDIS_URL"; then
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     fix="sudo apt-get update && sudo apt-get install -y ${missing[*]}"
-    say "installing ${missing[*]} (apt)"
     as_root true 2>/dev/null || die "missing ${missing[*]}, and installing needs root. Run:" "$fix"
+    say "installing ${missing[*]} (apt)"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
         || die "apt-get could not install ${missing[*]}. Try:" "$fix"
