@@ -86,6 +86,10 @@ def authenticate(*, session: Session, settings: Settings, token: str | None) -> 
 
 
 def get_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Principal:
+    """The principal ``api.guard`` authenticated before the body was read (or, outside it, now)."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
     with get_sessionmaker()() as session:
         principal = authenticate(session=session, settings=settings, token=_bearer(request))
     request.state.principal = principal

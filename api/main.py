@@ -8,9 +8,14 @@ from fastapi import FastAPI
 
 from api import observability
 from api.errors import ERROR_RESPONSES, install_error_handlers
+from api.guard import GuardMiddleware
 from api.predictor import Predictor
 from api.routes import datasets, events, health, jobs, keys, models, plots, predict, projects, ui
+from api.uploads import sweep_stale
 from shared.config import get_settings
+
+# An upload spooled this long ago with no process finishing it belongs to a process that died.
+STALE_UPLOAD_S = 3600.0
 
 
 def create_app() -> FastAPI:
@@ -19,6 +24,7 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale(settings.data_dir / "tmp", older_than_s=STALE_UPLOAD_S)
         app.state.predictor = Predictor(settings)
         yield
         app.state.predictor.close()
@@ -31,6 +37,7 @@ def create_app() -> FastAPI:
                    predict.router, events.router, plots.router, observability.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     ui.install_ui(app)
+    app.add_middleware(GuardMiddleware)
     app.add_middleware(observability.ObservabilityMiddleware)
     return app
 

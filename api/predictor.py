@@ -4,12 +4,10 @@ Requests decode and crop their images in the request threadpool (``prepare_image
 thread (``Batcher``) owns every forward pass and gathers the work of concurrent requests into one batch.
 """
 
-import io
 import logging
 import os
 import threading
 import time
-import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -24,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from api.errors import ApiError
 from api.observability import observe_predict_batch
 from shared.config import Settings
+from shared.images import IMAGE_FORMATS, to_rgb
 from shared.storage import model_dir
 
 log = logging.getLogger(__name__)
@@ -92,38 +91,71 @@ def load_model(directory: Path, model_id: str, device: Any) -> LoadedModel:
     return loaded
 
 
-def decode_upload(data: bytes, filename: str, max_pixels: int) -> Image.Image:
-    from shared.modeling.transforms import to_rgb
+# Decoding is CPU-bound: more concurrent decodes than cores only multiplies the memory they hold.
+DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
-    Image.MAX_IMAGE_PIXELS = max_pixels
+
+def open_upload(path: Path, filename: str, *, max_pixels: int, draft_side: int) -> Image.Image:
+    """Open an uploaded image without decoding it: format allow-list and pixel limit from the header;
+    a JPEG is set to decode at the smallest DCT scale that still covers ``draft_side``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = to_rgb(ImageOps.exif_transpose(image) or image)
+        image = Image.open(path, formats=IMAGE_FORMATS)
     except UnidentifiedImageError as exc:
         raise ApiError(415, "not_an_image", f"'{filename}' is not an image this service can read "
                        "(JPEG, PNG, WEBP, BMP, GIF or TIFF)") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(422, "too_many_pixels", f"'{filename}' has too many pixels: {exc}") from exc
-    except Exception as exc:  # whatever a malformed file makes a decoder raise, it is the file's fault
+    except Exception as exc:  # whatever a malformed header makes a decoder raise, it is the file's fault
         raise ApiError(422, "corrupt_image", f"'{filename}' is corrupt or truncated: {exc}") from exc
     width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ApiError(422, "too_many_pixels", f"'{filename}' is {width}x{height}, over the {max_pixels} pixel "
+                       "limit (TUNESERVE_MAX_IMAGE_PIXELS)")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        image.close()
         raise ApiError(422, "bad_aspect_ratio", f"'{filename}' is {width}x{height}; the longer side may be at "
                        f"most {MAX_ASPECT_RATIO} times the shorter one")
+    image.draft("RGB", (draft_side, draft_side))
     return image
 
 
-def prepare_images(files: list[tuple[str, Path]], *, image_size: int, max_pixels: int) -> Any:
-    """Decode and centre-crop uploaded files into a uint8 N x 3 x S x S tensor (the first half of eval_transform)."""
+def decode_upload(image: Image.Image, filename: str) -> Image.Image:
+    try:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image) or image)
+    except Exception as exc:  # whatever a malformed file makes a decoder raise, it is the file's fault
+        raise ApiError(422, "corrupt_image", f"'{filename}' is corrupt or truncated: {exc}") from exc
+    finally:
+        image.close()
+
+
+def prepare_images(files: list[tuple[str, Path]], *, image_size: int, max_pixels: int, max_request_pixels: int,
+                   draft_side: int) -> Any:
+    """Decode and centre-crop uploaded files into a uint8 N x 3 x S x S tensor (the first half of eval_transform).
+
+    Every header is read first, so a request whose images together would decode to more than
+    ``max_request_pixels`` is refused before any of them is decoded."""
     import torch
 
-    from shared.modeling.transforms import eval_uint8
+    from shared.modeling.transforms import eval_uint8, resize_size_for
 
-    return torch.stack([eval_uint8(decode_upload(path.read_bytes(), name, max_pixels), image_size)
-                        for name, path in files])
+    opened: list[Image.Image] = []
+    try:
+        for name, path in files:
+            opened.append(open_upload(path, name, max_pixels=max_pixels,
+                                      draft_side=max(draft_side, resize_size_for(image_size))))
+        total = sum(image.size[0] * image.size[1] for image in opened)
+        if total > max_request_pixels:
+            raise ApiError(413, "too_many_pixels", f"the images of this request decode to {total // 10**6} "
+                           f"megapixels, over the {max_request_pixels // 10**6} allowed per request "
+                           "(TUNESERVE_PREDICT_MAX_REQUEST_MEGAPIXELS); send fewer or smaller images")
+        crops = []
+        for (name, _), image in zip(files, opened, strict=True):
+            with DECODE_SLOTS:
+                crops.append(eval_uint8(decode_upload(image, name), image_size))
+        return torch.stack(crops)
+    finally:
+        for image in opened:
+            image.close()
 
 
 @dataclass
@@ -152,8 +184,9 @@ class Batcher:
     still on their way (``expecting``), so a lone request never waits.
     """
 
-    def __init__(self, *, max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, *, max_batch: int, max_wait_s: float, max_pending: int = 1024) -> None:
         self.max_batch = max_batch
+        self.max_pending = max_pending
         self.max_wait_s = max_wait_s
         self.largest_batch = 0
         self._cond = threading.Condition()
@@ -169,6 +202,9 @@ class Batcher:
         is announced, a batch that is not full waits for it (up to max_wait)."""
         ticket = Ticket(self)
         with self._cond:
+            if self._expected + len(self._queue) >= self.max_pending:
+                raise ApiError(503, "overloaded", f"{self.max_pending} prediction requests are already in flight "
+                               "(TUNESERVE_PREDICT_MAX_PENDING); retry in a moment", headers={"Retry-After": "1"})
             self._expected += 1
         try:
             yield ticket
@@ -256,7 +292,8 @@ class Predictor:
     def __init__(self, settings: Settings, capacity: int | None = None) -> None:
         self.settings = settings
         self.capacity = capacity or settings.predict_max_models
-        self.batcher = Batcher(max_batch=settings.predict_max_batch, max_wait_s=settings.predict_max_wait_ms / 1000)
+        self.batcher = Batcher(max_batch=settings.predict_max_batch, max_wait_s=settings.predict_max_wait_ms / 1000,
+                               max_pending=settings.predict_max_pending)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Event] = {}

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -13,6 +14,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from api.errors import ApiError
 
 MAX_FIELD_BYTES = 64 * 1024
+# All non-file fields of one request together, and parts of any kind: a form is a few fields and files.
+MAX_FIELDS_BYTES = 256 * 1024
+MAX_PARTS = 300
+MAX_HEADER_BYTES = 8 * 1024
 
 
 @dataclass
@@ -33,18 +38,37 @@ class ParsedForm:
             saved.path.unlink(missing_ok=True)
 
 
+def sweep_stale(spool_dir: Path, *, older_than_s: float) -> int:
+    """Remove spooled uploads a crashed process left behind (another replica's live ones are younger)."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for path in spool_dir.glob(".upload-*") if spool_dir.is_dir() else []:
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def too_large(limit_bytes: int) -> ApiError:
     return ApiError(413, "payload_too_large",
                     f"the upload is larger than the {limit_bytes // 2**20} MiB limit (TUNESERVE_MAX_UPLOAD_MB)")
 
 
 class _Collector:
-    def __init__(self, spool_dir: Path, limit: int, body_limit: int) -> None:
+    def __init__(self, spool_dir: Path, limit: int, body_limit: int, max_files: int) -> None:
         self.form = ParsedForm()
         self.spool_dir = spool_dir
         self.limit = limit
         self.body_limit = body_limit
+        self.max_files = max_files
         self.total = 0
+        self.parts = 0
+        self.field_bytes = 0
+        self.header_bytes = 0
+        self.in_part = False
         self.header_field = b""
         self.header_value = b""
         self.headers: dict[bytes, bytes] = {}
@@ -56,12 +80,23 @@ class _Collector:
         self.size = 0
 
     def on_part_begin(self) -> None:
-        self.headers, self.value, self.size = {}, bytearray(), 0
+        self.headers, self.value, self.size, self.header_bytes = {}, bytearray(), 0, 0
+        self.parts += 1
+        self.in_part = True
+        if self.parts > MAX_PARTS:
+            raise ApiError(413, "too_many_parts", f"a form may have at most {MAX_PARTS} parts")
+
+    def _header_bytes(self, count: int) -> None:
+        self.header_bytes += count
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise ApiError(413, "field_too_large", f"a part's headers may be at most {MAX_HEADER_BYTES // 1024} KiB")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_bytes(end - start)
         self.header_field += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_bytes(end - start)
         self.header_value += data[start:end]
 
     def on_header_end(self) -> None:
@@ -74,6 +109,8 @@ class _Collector:
         raw_filename = options.get(b"filename")
         self.filename = None if raw_filename is None else raw_filename.decode("utf-8", "replace")
         if self.filename is not None:
+            if len(self.form.files) >= self.max_files:  # refused before a byte of it is written
+                raise ApiError(413, "too_many_files", f"send at most {self.max_files} files per request")
             fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=self.spool_dir)
             self.handle, self.path = os.fdopen(fd, "wb"), Path(tmp)
 
@@ -88,11 +125,15 @@ class _Collector:
                 raise too_large(self.limit)
             self.handle.write(chunk)
         else:
+            self.field_bytes += len(chunk)
             if self.size > MAX_FIELD_BYTES:
-                raise ApiError(413, "field_too_large", f"form field '{self.name}' is larger than 64 KiB")
+                raise ApiError(413, "field_too_large", f"form field '{self.name[:64]}' is larger than 64 KiB")
+            if self.field_bytes > MAX_FIELDS_BYTES:
+                raise ApiError(413, "field_too_large", f"form fields may total at most {MAX_FIELDS_BYTES // 1024} KiB")
             self.value += chunk
 
     def on_part_end(self) -> None:
+        self.in_part = False
         if self.handle is not None and self.path is not None:
             self.handle.close()
             self.form.files.append(SavedFile(self.name, os.path.basename(self.filename or ""), self.path, self.size))
@@ -109,7 +150,7 @@ class _Collector:
 
 
 async def receive_form(request: Request, *, spool_dir: Path, limit_bytes: int,
-                       body_limit_bytes: int | None = None) -> ParsedForm:
+                       body_limit_bytes: int | None = None, max_files: int = 1) -> ParsedForm:
     """Parse a multipart body chunk by chunk; files land in ``spool_dir``. 413 as soon as a file
     passes ``limit_bytes`` or all parts together pass ``body_limit_bytes`` (default: ``limit_bytes``),
     or at once when Content-Length already says so."""
@@ -121,7 +162,7 @@ async def receive_form(request: Request, *, spool_dir: Path, limit_bytes: int,
     if declared and declared.isdigit() and int(declared) > body_limit + 1024 * 1024:
         raise too_large(body_limit)
     spool_dir.mkdir(parents=True, exist_ok=True)
-    collector = _Collector(spool_dir, limit_bytes, body_limit)
+    collector = _Collector(spool_dir, limit_bytes, body_limit, max_files)
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": collector.on_part_begin, "on_part_data": collector.on_part_data,
         "on_part_end": collector.on_part_end, "on_header_field": collector.on_header_field,
@@ -132,6 +173,9 @@ async def receive_form(request: Request, *, spool_dir: Path, limit_bytes: int,
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+        if collector.in_part:
+            raise ApiError(400, "incomplete_upload", "the multipart body ended before its closing boundary; "
+                           "the upload was cut short: send it again")
     except FormParserError as exc:
         collector.abort()
         raise ApiError(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from exc

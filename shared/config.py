@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     api_keys: str = ""
     max_upload_mb: int = Field(2048, gt=0)
     max_image_mb: int = Field(20, gt=0)
+    # JSON (any non-multipart) request bodies; uploads stream to disk under MAX_UPLOAD_MB instead.
+    max_json_kb: int = Field(1024, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Tests only: gpus=N on a CPU worker runs N gloo processes instead of failing with not_enough_gpus.
     ddp_on_cpu: bool = False
@@ -31,6 +33,9 @@ class Settings(BaseSettings):
     min_image_side: int = Field(16, ge=1)
     predict_max_batch: int = Field(32, ge=1)
     predict_max_wait_ms: float = Field(5.0, ge=0)
+    # Predict: decoded pixels one request may ask for, and requests in flight before 503 overloaded.
+    predict_max_request_megapixels: int = Field(256, ge=1)
+    predict_max_pending: int = Field(128, ge=1)
     # Models the API keeps loaded: the serving models of the most recently used projects come first.
     predict_max_models: int = Field(4, ge=1)
     job_max_attempts: int = Field(3, ge=1)

@@ -5,12 +5,11 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared.modeling.transforms import center_square, to_rgb
+from shared.images import IMAGE_FORMATS as FORMATS
+from shared.images import to_rgb
+from shared.modeling.transforms import center_square
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# Only these decoders ever see user bytes: a file named .jpg may be anything Pillow can open,
-# and some plugins (EPS) would hand it to an external program. Camera MPO files open through JPEG.
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageRejected(ValueError):

@@ -51,10 +51,13 @@ def _model_for(*, predictor: Predictor, session: Session, principal: Principal, 
 
 
 def _prepare(*, predictor: Predictor, session: Session, principal: Principal, project: str | None,
-             wanted: str | None, files: list[tuple[str, Path]], max_pixels: int) -> tuple[LoadedModel, Any]:
+             wanted: str | None, files: list[tuple[str, Path]], settings: Settings) -> tuple[LoadedModel, Any]:
     """The model, then the images cropped as it needs them: one trip to the threadpool per request."""
     loaded = _model_for(predictor=predictor, session=session, principal=principal, project=project, wanted=wanted)
-    return loaded, prepare_images(files, image_size=loaded.image_size, max_pixels=max_pixels)
+    # JPEGs decode no larger than the dataset cache the model was trained from (its eval images).
+    return loaded, prepare_images(files, image_size=loaded.image_size, max_pixels=settings.max_image_pixels,
+                                  max_request_pixels=settings.predict_max_request_megapixels * 10**6,
+                                  draft_side=settings.cache_size)
 
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -87,7 +90,7 @@ async def _predict(*, request: Request, session: Session, settings: Settings, pr
         try:
             form = await receive_form(request, spool_dir=settings.data_dir / "tmp",
                                       limit_bytes=settings.max_image_mb * 2**20,
-                                      body_limit_bytes=settings.max_upload_mb * 2**20)
+                                      body_limit_bytes=settings.max_upload_mb * 2**20, max_files=MAX_FILES)
         except ApiError as exc:
             if exc.code == "payload_too_large":
                 raise ApiError(413, "payload_too_large", f"each image may be at most {settings.max_image_mb} MiB "
@@ -98,9 +101,6 @@ async def _predict(*, request: Request, session: Session, settings: Settings, pr
             files = [f for f in form.files if f.field in ("file", "files")]
             if not files:
                 raise ApiError(422, "file_required", "send one or more images in the multipart field 'file'")
-            if len(files) > MAX_FILES:
-                raise ApiError(413, "too_many_files", f"send at most {MAX_FILES} images per request, "
-                               f"got {len(files)}")
             top_k = _top_k(form.fields.get("top_k", request.query_params.get("top_k")))
             wanted = form.fields.get("model_id") or request.query_params.get("model_id")
             if project is None:
@@ -108,7 +108,7 @@ async def _predict(*, request: Request, session: Session, settings: Settings, pr
             named = [(f.filename or f"file{i}", f.path) for i, f in enumerate(files)]
             loaded, inputs = await run_in_threadpool(_prepare, predictor=predictor, session=session,
                                                      principal=principal, project=project, wanted=wanted,
-                                                     files=named, max_pixels=settings.max_image_pixels)
+                                                     files=named, settings=settings)
         finally:
             form.cleanup()
         future = ticket.submit(loaded, inputs)

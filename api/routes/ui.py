@@ -13,7 +13,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from api.deps import SettingsDep
+from api.deps import SessionDep, SettingsDep
+from shared.apikeys import any_active
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -27,9 +28,9 @@ def index() -> FileResponse:
 
 
 @router.get("/ui/config.json")
-def ui_config(settings: SettingsDep) -> dict[str, bool]:
+def ui_config(settings: SettingsDep, session: SessionDep) -> dict[str, bool]:
     """Lets the page ask for a key before its first call instead of provoking a 401."""
-    return {"auth_required": bool(settings.api_key_list)}
+    return {"auth_required": bool(settings.api_key_list) or any_active(session=session)}
 
 
 @router.get("/docs")

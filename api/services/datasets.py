@@ -39,7 +39,11 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
                       filename=upload.filename[:255], size_bytes=upload.size, rejected=[], report={},
                       progress={"processed": 0, "total": None})
     session.add(dataset)
-    session.commit()
+    try:
+        session.commit()
+    except BaseException:
+        shutil.rmtree(target.parent, ignore_errors=True)  # no row points at it: it would never be removed
+        raise
     dispatch(session=session, table=Dataset, row_id=dataset_id, enqueue=enqueue_ingest)
     return dataset
 

@@ -4,6 +4,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shared.images import to_rgb
+
+__all__ = ["center_square", "eval_transform", "eval_uint8", "normalize_batch", "resize_size_for", "to_rgb",
+           "to_uint8_chw"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,19 +26,6 @@ def center_square(image: Image.Image, side: int) -> Image.Image:
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (new_w - side) // 2, (new_h - side) // 2
     return image.crop((left, top, left + side, top + side))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as ingestion makes it: 16-bit greys scaled down, transparency composited onto white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        high = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / max(high, 255.0))).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def to_uint8_chw(image: Image.Image) -> torch.Tensor:

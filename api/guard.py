@@ -1,0 +1,126 @@
+"""The door every request passes before any route: who is calling, and how many body bytes it may send.
+
+Authentication happens here, before a single body byte is read, so an anonymous client cannot make the
+API buffer a large body just to be told 401. Bodies that are not multipart uploads (which routes stream
+to disk under their own limits) are capped while they arrive: a 100 MB JSON document is refused after
+the first megabyte, or at once when Content-Length already says so.
+"""
+
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.auth import authenticate
+from api.errors import ApiError
+from shared.config import get_settings
+from shared.db import get_sessionmaker
+
+# Paths that hold no team data: health for load balancers, the UI shell and its static assets, and the
+# API docs pages (the schema they load, /openapi.json, still needs a key).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/ui/config.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/favicon.ico"})
+PUBLIC_PREFIXES = ("/static/", "/static-docs/")
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` mid-body; an HTTPException so FastAPI's body parsing passes it on as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large(limit)["detail"])
+
+
+def is_public(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    if path == "/metrics":
+        return get_settings().metrics_open
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+async def _answer(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _authenticate(token: str | None) -> Any:
+    with get_sessionmaker()() as session:
+        return authenticate(session=session, settings=get_settings(), token=token)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _is_multipart(scope: Scope) -> bool:
+    return any(name == b"content-type" and value.lower().startswith(b"multipart/form-data")
+               for name, value in scope.get("headers") or [])
+
+
+def _too_large(limit: int) -> dict[str, str]:
+    return {"detail": f"the request body is larger than {limit // 1024} KiB (TUNESERVE_MAX_JSON_KB); "
+                      "send less, or upload files as multipart/form-data", "code": "payload_too_large"}
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not is_public(scope):
+            try:
+                principal = await run_in_threadpool(_authenticate, _bearer(scope))
+            except ApiError as exc:
+                await _answer(send, exc.status_code, {"detail": exc.detail, "code": exc.code}, exc.headers)
+                return
+            scope.setdefault("state", {})["principal"] = principal
+        if scope.get("method") not in BODY_METHODS or _is_multipart(scope):
+            await self.app(scope, receive, send)
+            return
+        limit = get_settings().max_json_kb * 1024
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            await _answer(send, 413, _too_large(limit))
+            return
+        received = 0
+        started = False
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _answer(send, 413, _too_large(limit))
