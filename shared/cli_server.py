@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from shared.cli_app import app
+from shared.config import get_settings
 
 
 @app.command()
@@ -23,9 +24,13 @@ def migrate() -> None:
 def _serve(host: str, port: int, log_level: str) -> None:
     import uvicorn
 
+    settings = get_settings()
     # The API logs JSON lines itself (one per request), so uvicorn's access log and log config stay off.
+    # Past limit_concurrency connections uvicorn answers 503 instead of queueing without bound; idle
+    # keep-alive connections and half-sent request heads are dropped rather than held.
     uvicorn.run("api.main:app", host=host, port=port, log_level=log_level, proxy_headers=True, log_config=None,
-                access_log=False)
+                access_log=False, limit_concurrency=settings.http_max_connections, timeout_keep_alive=15,
+                h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=30)
 
 
 Host = Annotated[str, typer.Option("--host", help="interface to listen on")]

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # lease (heartbeat) is what stops a second worker from running a job that is still training.
     visibility_timeout_seconds: int = Field(12 * 3600, gt=0)
     cors_origins: str = ""
+    # Connections one API process holds at once (503 past it), and server-sent event streams.
+    http_max_connections: int = Field(1000, ge=10)
+    sse_max_streams: int = Field(200, ge=1)
+    sse_max_streams_per_key: int = Field(20, ge=1)
+    sse_max_seconds: float = Field(3600.0, gt=0)
+    sse_idle_seconds: float = Field(900.0, gt=0)
     # With keys set, /metrics needs an admin key unless this opens it to a scraper that cannot send one.
     metrics_open: bool = False
 

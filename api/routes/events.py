@@ -9,6 +9,8 @@ stream sends ``end`` and closes once the job is final.
 
 import asyncio
 import json
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +21,11 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, PrincipalDep
+from api.deps import SettingsDep
+from api.errors import ApiError
 from api.routes.jobs import to_public
 from api.services import jobs
+from shared.config import Settings
 from shared.db import get_sessionmaker
 from shared.jobstate import FINAL, JobStatus
 from shared.orm import Job, JobEpoch
@@ -74,12 +79,49 @@ def _frame(event_id: int, event: str, data: dict[str, Any]) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _stream(request: Request, job_id: str, principal: Principal, first_id: int) -> AsyncIterator[str]:
+class StreamSlots:
+    """Open event streams, in all and per principal. Only the event loop touches it: no lock needed."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_principal: Counter[str] = Counter()
+
+    def take(self, principal: Principal, settings: Settings) -> None:
+        per_key = settings.sse_max_streams_per_key
+        if self.total >= settings.sse_max_streams or self.by_principal[principal.id] >= per_key:
+            raise ApiError(429, "too_many_streams", f"at most {per_key} event streams per key and "
+                           f"{settings.sse_max_streams} in all are open at once; close one or poll "
+                           "GET /v1/jobs/{id}", headers={"Retry-After": "10"})
+        self.total += 1
+        self.by_principal[principal.id] += 1
+
+    def give_back(self, principal: Principal) -> None:
+        self.total -= 1
+        self.by_principal[principal.id] -= 1
+        if self.by_principal[principal.id] <= 0:
+            del self.by_principal[principal.id]
+
+
+SLOTS = StreamSlots()
+
+
+async def _stream(request: Request, job_id: str, principal: Principal, first_id: int, settings: Settings
+                  ) -> AsyncIterator[str]:
+    try:
+        async for frame in _frames(request, job_id, principal, first_id, settings):
+            yield frame
+    finally:
+        SLOTS.give_back(principal)
+
+
+async def _frames(request: Request, job_id: str, principal: Principal, first_id: int, settings: Settings
+                  ) -> AsyncIterator[str]:
     event_id = first_id
     snapshot, seen = await run_in_threadpool(_snapshot, job_id, principal)
     yield "retry: 2000\n\n"
     yield _frame(event_id, "snapshot", snapshot)
-    idle = 0.0
+    started = last_event = time.monotonic()
+    quiet = 0.0
     while JobStatus(seen.status) not in FINAL:
         await asyncio.sleep(POLL_SECONDS)
         if await request.is_disconnected():
@@ -90,19 +132,27 @@ async def _stream(request: Request, job_id: str, principal: Principal, first_id:
             yield _frame(event_id, name, data)
             if name == "end":
                 return
-        idle = 0.0 if seen.events else idle + POLL_SECONDS
-        if idle >= KEEPALIVE_SECONDS:  # proxies close silent connections
-            idle = 0.0
+        now = time.monotonic()
+        last_event = now if seen.events else last_event
+        if now - started >= settings.sse_max_seconds or now - last_event >= settings.sse_idle_seconds:
+            # A stream may not hold a connection forever; the client reconnects and resumes from its id.
+            yield _frame(event_id + 1, "end", {"status": seen.status, "reason": "stream time limit; reconnect "
+                                               "with Last-Event-ID to go on"})
+            return
+        quiet = 0.0 if seen.events else quiet + POLL_SECONDS
+        if quiet >= KEEPALIVE_SECONDS:  # proxies close silent connections
+            quiet = 0.0
             yield ": keepalive\n\n"
     yield _frame(event_id + 1, "end", {"status": seen.status})
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}})
-async def job_events(job_id: str, request: Request, principal: PrincipalDep,
+async def job_events(job_id: str, request: Request, principal: PrincipalDep, settings: SettingsDep,
                      last_event_id: str | None = Header(None, alias="Last-Event-ID", max_length=32)
                      ) -> StreamingResponse:
     await run_in_threadpool(_snapshot, job_id, principal)  # 404 before the stream starts, not inside it
     first_id = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
-    return StreamingResponse(_stream(request, job_id, principal, first_id), media_type="text/event-stream",
+    SLOTS.take(principal, settings)
+    return StreamingResponse(_stream(request, job_id, principal, first_id, settings), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

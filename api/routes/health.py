@@ -10,7 +10,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
+    """On the event loop, not the threadpool: it answers even when every worker thread is blocked."""
     return Health(status="ok")
 
 
