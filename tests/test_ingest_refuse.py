@@ -247,3 +247,33 @@ def test_broken_archives_fail_the_dataset(settings, tmp_path, content, code):
 
     assert (dataset.status, dataset.error_code) == ("failed", code), dataset.error
 
+
+
+def test_a_zip_directory_holding_more_records_than_it_declares_is_counted_while_streaming(tmp_path):
+    """300,000 directory records behind an end record that declares one: refused with a bounded amount of
+    memory, before zipfile would build (and hold) 300,000 ZipInfo objects."""
+    import tracemalloc
+
+    from worker.archive import ArchiveError, ArchiveReader
+
+    one = tmp_path / "one.zip"
+    with zipfile.ZipFile(one, "w") as archive:
+        archive.writestr("a/x.jpg", b"")
+    data = one.read_bytes()
+    directory_at = data.index(b"PK\x01\x02")
+    end_at = data.index(b"PK\x05\x06")
+    record = data[directory_at:end_at]
+    records = 300_000
+    end = bytearray(data[end_at:])
+    end[12:16] = (len(record) * records).to_bytes(4, "little")  # honest directory size, lying entry count (1)
+    lying = tmp_path / "lying.zip"
+    lying.write_bytes(data[:directory_at] + record * records + bytes(end))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError) as refused:
+            ArchiveReader(lying, max_entries=1000, max_bytes=2**30).entries()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.code == "archive_too_large"
+    assert peak < 5 * 2**20, peak

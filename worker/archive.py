@@ -73,24 +73,47 @@ def is_ignored(path: str) -> bool:
     return parts[0] == "__MACOSX" or parts[-1] in IGNORED_NAMES or any(p.startswith(".") for p in parts)
 
 
-def zip_declared_entries(path: Path) -> int:
-    """The entry count in the zip's end record, read before zipfile parses (and holds) the whole directory."""
+def zip_directory_entries(path: Path, *, stop_after: int) -> int:
+    """How many entries the zip's central directory holds, counted record by record while streaming it
+    (at most ``stop_after + 1``), before zipfile parses the whole directory into memory. The count in the
+    end record is not trusted: a directory can hold far more records than it declares."""
     with path.open("rb") as handle:
         handle.seek(0, 2)
         size = handle.tell()
         handle.seek(max(0, size - (22 + 65535)))
+        base = handle.tell()
         tail = handle.read()
         end = tail.rfind(b"PK\x05\x06")
-        if end < 0 or len(tail) < end + 12:
-            return 0
-        count = int.from_bytes(tail[end + 10:end + 12], "little")
+        if end < 0 or len(tail) < end + 22:
+            return 0  # not a zip zipfile can open either; it says why
+        declared = int.from_bytes(tail[end + 10:end + 12], "little")
+        directory_size = int.from_bytes(tail[end + 12:end + 16], "little")
+        directory_end = base + end
         locator = end - 20
-        if count == 0xFFFF and locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+        if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
             handle.seek(int.from_bytes(tail[locator + 8:locator + 16], "little"))
-            record = handle.read(40)
+            record = handle.read(56)
             if record[:4] == b"PK\x06\x06":
-                count = int.from_bytes(record[32:40], "little")
-        return count
+                declared = max(declared, int.from_bytes(record[32:40], "little"))
+                directory_size = int.from_bytes(record[40:48], "little")
+                directory_end = base + locator - 56
+        if declared > stop_after:
+            return declared
+        return _count_directory_records(handle, start=max(0, directory_end - directory_size), end=directory_end,
+                                        stop_after=stop_after)
+
+
+def _count_directory_records(handle: BinaryIO, *, start: int, end: int, stop_after: int) -> int:
+    count, position = 0, start
+    while position + 46 <= end and count <= stop_after:
+        handle.seek(position)
+        header = handle.read(46)
+        if header[:4] != b"PK\x01\x02":
+            break
+        name, extra, comment = (int.from_bytes(header[i:i + 2], "little") for i in (28, 30, 32))
+        position += 46 + name + extra + comment
+        count += 1
+    return count
 
 
 class _CappedStream:
@@ -162,7 +185,7 @@ class ArchiveReader:
         return list(self._zip_entries() if self.format == "zip" else self._tar_entries())
 
     def _open_zip(self) -> zipfile.ZipFile:
-        self._check_count(zip_declared_entries(self.path))
+        self._check_count(zip_directory_entries(self.path, stop_after=self.max_entries))
         try:
             archive = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
