@@ -12,7 +12,8 @@ from shared.config import get_settings
 def alembic_config(url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.set_main_option("sqlalchemy.url", url or get_settings().db_url)
+    # ConfigParser interpolates '%': a URL-quoted password ('p%40ss') must reach Alembic escaped.
+    config.set_main_option("sqlalchemy.url", (url or get_settings().db_url).replace("%", "%%"))
     return config
 
 
