@@ -99,11 +99,16 @@ def test_0002_era_rows_move_into_project_default(fresh_url):
     engine.dispose()
 
 
-def test_a_url_quoted_password_reaches_alembic_intact(fresh_url):
+def test_a_url_quoted_password_reaches_alembic_intact(pg_url):
     """Compose passes passwords URL-quoted ('%40' for '@'); Alembic's config must not read '%' as interpolation."""
-    if not fresh_url.startswith("postgresql"):
-        pytest.skip("SQLite URLs carry no password")
-    user, rest = fresh_url.split("://", 1)[1].split("@", 1)
-    quoted = fresh_url.replace(f"{user}@", f"{user}:p%40ss%3Aw%2Frd%25@")  # trust auth ignores the password
-    upgrade(quoted)
-    assert tables(fresh_url) == TABLES
+    name = f"tuneserve_mig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = pg_url.rsplit("/", 1)[0] + f"/{name}"
+        user = url.split("://", 1)[1].split("@", 1)[0]
+        upgrade(url.replace(f"{user}@", f"{user}:p%40ss%3Aw%2Frd%25@"))  # trust auth ignores the password
+        assert tables(url) == TABLES
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
