@@ -24,6 +24,12 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/ui/config.json", "/docs"
                           "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/", "/static-docs/")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Every answer: no MIME sniffing, no framing, no referrer. The UI page also gets a policy that lets it
+# load only its own scripts, styles and API (the page has no inline script to allow).
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+UI_POLICY = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+             b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
 class BodyTooLarge(HTTPException):
@@ -87,20 +93,27 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        extra = SECURITY_HEADERS + ([(b"content-security-policy", UI_POLICY)] if scope.get("path") == "/" else [])
+
+        async def secured_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
         if not is_public(scope):
             try:
                 principal = await run_in_threadpool(_authenticate, _bearer(scope))
             except ApiError as exc:
-                await _answer(send, exc.status_code, {"detail": exc.detail, "code": exc.code}, exc.headers)
+                await _answer(secured_send, exc.status_code, {"detail": exc.detail, "code": exc.code}, exc.headers)
                 return
             scope.setdefault("state", {})["principal"] = principal
         if scope.get("method") not in BODY_METHODS or _is_multipart(scope):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, secured_send)
             return
         limit = get_settings().max_json_kb * 1024
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
-            await _answer(send, 413, _too_large(limit))
+            await _answer(secured_send, 413, _too_large(limit))
             return
         received = 0
         started = False
@@ -117,10 +130,10 @@ class GuardMiddleware:
         async def tracking_send(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            await secured_send(message)
 
         try:
             await self.app(scope, capped_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _answer(send, 413, _too_large(limit))
+                await _answer(secured_send, 413, _too_large(limit))

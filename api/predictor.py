@@ -23,7 +23,7 @@ from api.errors import ApiError
 from api.observability import observe_predict_batch
 from shared.config import Settings
 from shared.images import IMAGE_FORMATS, to_rgb
-from shared.storage import model_dir
+from shared.storage import model_dir, redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,8 @@ class Predictor:
             raise ApiError(503, "model_unavailable", f"model {model_id}'s files are missing") from exc
         except Exception as exc:
             log.exception("loading model %s failed", model_id)
-            raise ApiError(503, "model_unavailable", f"model {model_id} could not be loaded: {exc}") from exc
+            raise ApiError(503, "model_unavailable", f"model {model_id} could not be loaded: "
+                           f"{type(exc).__name__}: {redact_paths(str(exc))}") from exc
         else:
             with self._lock:
                 self._models[model_id] = loaded

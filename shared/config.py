@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # Models the API keeps loaded: the serving models of the most recently used projects come first.
     predict_max_models: int = Field(4, ge=1)
     job_max_attempts: int = Field(3, ge=1)
+    # Ingestion: deliveries that may start before a dataset that keeps killing its worker fails, and
+    # the wall time one ingestion may take (checked between images).
+    ingest_max_attempts: int = Field(3, ge=1)
+    ingest_max_minutes: float = Field(120.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
     lease_timeout_seconds: float = Field(60.0, gt=0)
     reconcile_interval_seconds: float = Field(10.0, gt=0)

@@ -83,6 +83,8 @@ class Dataset(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Deliveries of its ingestion task that started; past INGEST_MAX_ATTEMPTS it is a poison upload.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Settings
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def redact_paths(text: str) -> str:
+    """An exception's message as a client may read it: server paths (DATA_DIR, site-packages...) removed."""
+    return _ABSOLUTE_PATH.sub("<path>", text)
 
 
 def dataset_dir(settings: Settings, dataset_id: str) -> Path:

@@ -144,3 +144,23 @@ def test_forms_with_too_many_parts_files_or_field_bytes_are_413(service: Service
     assert status == 413 and f'"{code}"'.encode() in response, response[-300:]
     assert files_under(Path(service.env["TUNESERVE_DATA_DIR"]) / "tmp") == []
     assert healthy(service)
+
+
+def test_every_answer_carries_security_headers_and_the_ui_a_content_policy(service: Service):
+    page = httpx.get(f"{service.url}/", timeout=10)
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    for answer in (page, httpx.get(f"{service.url}/v1/jobs", timeout=10), httpx.get(f"{service.url}/healthz")):
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["x-frame-options"] == "DENY"
+    assert httpx.get(f"{service.url}/openapi.json", timeout=10).status_code == 401
+    assert httpx.get(f"{service.url}/metrics", timeout=10).status_code == 401
+    assert httpx.get(f"{service.url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_error_bodies_name_no_server_paths():
+    from shared.storage import redact_paths
+
+    message = "[Errno 2] No such file or directory: '/srv/data/datasets/3f2c/upload'"
+    assert redact_paths(message) == "[Errno 2] No such file or directory: '<path>'"
+    assert redact_paths("cannot identify image file 'cats/001.jpg'") == "cannot identify image file 'cats/001.jpg'"

@@ -15,6 +15,7 @@ from shared.storage import dataset_cache, dataset_dir
 from tests.hostile import (
     BLUE,
     RED,
+    create_dataset,
     encode,
     image_folder,
     ingest,
@@ -277,3 +278,31 @@ def test_a_zip_directory_holding_more_records_than_it_declares_is_counted_while_
         tracemalloc.stop()
     assert refused.value.code == "archive_too_large"
     assert peak < 5 * 2**20, peak
+
+
+def test_an_upload_that_keeps_killing_its_worker_fails_with_worker_lost(settings, tmp_path):
+    """Three deliveries started and none finished (each took its worker down): the fourth fails the dataset
+    instead of decoding again, and its files go."""
+    from sqlalchemy import update
+
+    from shared.db import session_scope
+    from shared.orm import Dataset
+    from worker.ingest import ingest_dataset
+
+    dataset_id = create_dataset(settings, write_zip(tmp_path / "p.zip", image_folder(TWO, per_class=3)))
+    with session_scope() as session:
+        session.execute(update(Dataset).where(Dataset.id == dataset_id).values(attempts=settings.ingest_max_attempts))
+    ingest_dataset(dataset_id=dataset_id, settings=settings)
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        assert (dataset.status, dataset.error_code, dataset.attempts) == ("failed", "worker_lost", 4)
+        assert "stopped the worker 3 times" in dataset.error
+    assert not dataset_dir(settings, dataset_id).exists()
+
+
+def test_a_healthy_ingestion_counts_one_attempt_and_one_past_its_time_limit_fails(settings, tmp_path):
+    archive = write_zip(tmp_path / "t.zip", image_folder(TWO, per_class=3))
+    assert ingest(settings, archive).attempts == 1
+    slow = ingest(settings.model_copy(update={"ingest_max_minutes": 1e-9}), archive)
+    assert (slow.status, slow.error_code) == ("failed", "ingest_timeout")
+    assert not dataset_dir(settings, slow.id).exists()

@@ -63,3 +63,13 @@ def test_progress_is_visible_while_processing(settings, tmp_path, monkeypatch):
     midway = [p for p in seen if p["total"] == 300 and 0 < p["processed"] < 300]
     assert midway, seen[-5:]
     assert [p["processed"] for p in midway] == sorted(p["processed"] for p in midway)
+
+
+def test_a_huge_duplicate_group_is_listed_in_part_and_counted_whole(settings, tmp_path):
+    files = image_folder({"cats": RED, "dogs": BLUE}, per_class=3)
+    files |= {f"cats/same-{i:03d}.jpg": files["cats/000.jpg"] for i in range(60)}
+
+    report = ingest(settings, write_zip(tmp_path / "same.zip", files)).report
+
+    assert [len(group) for group in report["duplicates"]] == [worker.ingest.GROUP_PATHS]
+    assert (report["duplicate_groups"], report["duplicate_images"]) == (1, 60)

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from shared.archives import archive_format
+from shared.storage import redact_paths
 
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
@@ -189,7 +190,7 @@ class ArchiveReader:
         try:
             archive = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise ArchiveError(f"the zip archive is corrupt: {exc}", "corrupt_archive") from exc
+            raise ArchiveError(f"the zip archive is corrupt: {redact_paths(str(exc))}", "corrupt_archive") from exc
         self._check_count(len(archive.infolist()))
         return archive
 
@@ -215,7 +216,7 @@ class ArchiveReader:
             return tarfile.open(fileobj=_CappedStream(raw, self.max_bytes, self._too_large()), mode="r:")
         except (tarfile.TarError, EOFError, OSError) as exc:
             raw.close()
-            raise ArchiveError(f"the tar archive is corrupt: {exc}", "corrupt_archive") from exc
+            raise ArchiveError(f"the tar archive is corrupt: {redact_paths(str(exc))}", "corrupt_archive") from exc
         except BaseException:
             raw.close()
             raise
@@ -227,7 +228,8 @@ class ArchiveReader:
                 self._check_count(count)
                 yield archive, member
         except (tarfile.TarError, EOFError, OSError) as exc:  # truncated or corrupt gzip / tar stream
-            raise ArchiveError(f"the tar archive is corrupt or truncated: {exc}", "corrupt_archive") from exc
+            raise ArchiveError(f"the tar archive is corrupt or truncated: {redact_paths(str(exc))}",
+                               "corrupt_archive") from exc
         finally:
             archive.close()
             archive.fileobj.raw.close()  # type: ignore[union-attr]

@@ -18,7 +18,7 @@ from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.orm import Dataset, utcnow
 from shared.quota import remaining_bytes
-from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, write_json
+from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, redact_paths, write_json
 from worker.archive import ArchiveError, ArchiveReader, Member
 from worker.images import ImageRejected, decode_image
 from worker.layout import resolve_layout
@@ -31,6 +31,7 @@ PROGRESS_SECONDS = 1.0  # how often processed/total is written to the row while 
 # Rows kept in the database for the UI; the counts in the report are always complete.
 LIST_LIMIT = 1000
 GROUP_LIMIT = 100
+GROUP_PATHS = 20  # paths listed per group: 200k copies of one image must not become a 10 MB report
 
 
 class DatasetInvalid(ValueError):
@@ -57,6 +58,12 @@ def _status(dataset_id: str) -> str | None:
         return None if dataset is None else dataset.status
 
 
+def _start_attempt(dataset_id: str) -> int:
+    with session_scope() as session:
+        session.execute(update(Dataset).where(Dataset.id == dataset_id).values(attempts=Dataset.attempts + 1))
+        return session.scalar(select(Dataset.attempts).where(Dataset.id == dataset_id)) or 0
+
+
 def _discard_if_deleted(settings: Settings, dataset_id: str) -> None:
     """A DELETE while we worked removed the row and files; remove what we wrote after it."""
     if _status(dataset_id) in (None, "deleted"):
@@ -80,6 +87,15 @@ def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None
     if _status(dataset_id) != "processing":
         log.info("dataset %s is not processing; nothing to do", dataset_id)
         return
+    attempt = _start_attempt(dataset_id)
+    if attempt > settings.ingest_max_attempts:
+        # Earlier deliveries started and never finished: each killed its worker (a decoder crash, the
+        # OOM killer). Redelivering it again would only take down the next worker.
+        log.error("dataset %s stopped its worker %d times; failing it", dataset_id, attempt - 1)
+        _fail(settings, dataset_id, error=f"ingesting this upload stopped the worker {attempt - 1} times "
+              f"(TUNESERVE_INGEST_MAX_ATTEMPTS={settings.ingest_max_attempts}); it may hold a file that crashes "
+              "the image decoder; check the worker logs, remove the file and upload again", error_code="worker_lost")
+        return
     try:
         result = build_cache(dataset_id=dataset_id, settings=settings)
     except (ArchiveError, DatasetInvalid) as exc:
@@ -88,7 +104,7 @@ def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None
               rejected=getattr(exc, "rejected", [])[:LIST_LIMIT])
         return
     except Exception as exc:
-        if not _fail(settings, dataset_id, error=f"ingestion failed: {type(exc).__name__}: {exc}",
+        if not _fail(settings, dataset_id, error=f"ingestion failed: {type(exc).__name__}: {redact_paths(str(exc))}",
                      error_code="ingest_error"):
             return  # its files may have vanished under us (deleted meanwhile): not a failure
         log.exception("dataset %s failed unexpectedly", dataset_id)
@@ -176,6 +192,7 @@ def _over_quota(written: int, left: int, rejected: list[dict[str, str]]) -> Data
 def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
     started = time.monotonic()
     quota_left = _quota_left(dataset_id, settings)
+    deadline = started + settings.ingest_max_minutes * 60
     row_bytes = settings.cache_size * settings.cache_size * 3
     reader = ArchiveReader(dataset_upload(settings, dataset_id), max_entries=settings.max_archive_entries,
                            max_bytes=settings.max_archive_mb * 2**20)
@@ -208,6 +225,10 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
                 if time.monotonic() - last_report >= PROGRESS_SECONDS:
                     last_report = time.monotonic()
                     _set(dataset_id, progress={"processed": done, "total": total})
+                if time.monotonic() > deadline:
+                    raise DatasetInvalid(f"ingestion took longer than {settings.ingest_max_minutes:g} minutes "
+                                             "(TUNESERVE_INGEST_MAX_MINUTES); split the upload or raise the limit",
+                                             "ingest_timeout", rejected)
         finally:
             store.close()
         counts = Counter(wanted[p][0] for p in kept)
@@ -267,12 +288,15 @@ def _report(kept: list[str], wanted: dict, hashes: dict[str, str], counts: Count
     groups = [paths for paths in by_hash.values() if len(paths) > 1]
     leakage = [g for g in groups if len({wanted[p][1] for p in g}) > 1]
     conflicting = [g for g in groups if len({wanted[p][0] for p in g}) > 1]
+    def shown(found: list[list[str]]) -> list[list[str]]:
+        return [g[:GROUP_PATHS] for g in found[:GROUP_LIMIT]]
+
     return {
-        "duplicates": groups[:GROUP_LIMIT],
+        "duplicates": shown(groups),
         "duplicate_groups": len(groups),
         "duplicate_images": sum(len(g) - 1 for g in groups),
-        "leakage": leakage[:GROUP_LIMIT],
+        "leakage": shown(leakage),
         "leakage_groups": len(leakage),
-        "conflicting_labels": conflicting[:GROUP_LIMIT],
+        "conflicting_labels": shown(conflicting),
         "imbalance_ratio": round(max(counts.values()) / min(counts.values()), 3),
     }

@@ -18,7 +18,7 @@ from shared.hyperparameters import Hyperparameters
 from shared.jobstate import JobStatus, transition
 from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable, resize_size_for, save_model_artifact
 from shared.orm import Dataset, Job, JobEpoch, Model, new_id, utcnow
-from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir
+from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, redact_paths
 from worker.reliability import SHUTDOWN
 from worker.training.data import load_cache, stored_splits
 from worker.training.distributed import NotEnoughGpus, fit_distributed, process_count
@@ -130,7 +130,7 @@ def run_training_job(job_id: str, *, settings: Settings | None = None) -> None:
         _fail(job_id, str(exc), exc.code, settings)
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        _fail(job_id, f"training failed: {type(exc).__name__}: {exc}", "training_error", settings)
+        _fail(job_id, f"training failed: {type(exc).__name__}: {redact_paths(str(exc))}", "training_error", settings)
 
 
 def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
