@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-                422: "validation_error", 429: "too_many_requests", 503: "unavailable"}
+                422: "validation_error", 429: "too_many_requests", 503: "unavailable",
+                507: "insufficient_storage"}
 
 
 class FieldError(BaseModel):
@@ -29,7 +30,7 @@ class ErrorBody(BaseModel):
 
 # Documented on every route so clients (and the schema fuzzer) know the shape of each error.
 ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 507)
 }
 
 

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # the wall time one ingestion may take (checked between images).
     ingest_max_attempts: int = Field(3, ge=1)
     ingest_max_minutes: float = Field(120.0, gt=0)
+    # Disk left free whatever an upload or its decoded cache would take (507 / dataset failed otherwise).
+    min_free_disk_gb: float = Field(2.0, ge=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
     lease_timeout_seconds: float = Field(60.0, gt=0)
     reconcile_interval_seconds: float = Field(10.0, gt=0)

@@ -213,3 +213,10 @@ def test_two_teams_train_and_predict_side_by_side(migrated, start_service, tmp_p
                                                                         "bytes": 0}
         assert files_under(data_dir / "datasets") == files_under(data_dir / "models") == []
         assert client.delete("/v1/projects/alpha", headers=admin).status_code == 204
+
+
+def test_an_upload_that_would_eat_the_disk_reserve_is_507_before_the_body(make_app: Callable[..., TestClient]):
+    with make_app(TUNESERVE_MIN_FREE_DISK_GB="1000000") as client:
+        answer = client.post("/v1/datasets", files=image())
+        assert (answer.status_code, answer.json()["code"]) == (507, "insufficient_storage")
+        assert files_under(get_settings().data_dir / "tmp") == []
