@@ -100,6 +100,20 @@ def migrated(env_for, pg_url, redis_url) -> dict[str, str]:  # type: ignore[no-u
     return env
 
 
+@pytest.fixture
+def make_app(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
+    """``make_app(**settings)``: an in-process TestClient on a clean, migrated Postgres with extra settings."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    def make(**settings: str) -> TestClient:
+        env_for(pg_url, redis_url, **settings)
+        return TestClient(create_app())
+
+    return make
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

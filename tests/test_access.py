@@ -54,17 +54,6 @@ def teams(make_app: Callable[..., TestClient], tmp_path) -> Iterator[Teams]:  # 
         yield Teams(client=client, alpha=bearer(keys["alpha"]), beta=bearer(keys["beta"]), admin=admin, ids=ids)
 
 
-@pytest.fixture
-def make_app(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
-    from api.main import create_app
-
-    def make(**settings: str) -> TestClient:
-        env_for(pg_url, redis_url, **settings)
-        return TestClient(create_app())
-
-    return make
-
-
 def image() -> dict[str, Any]:
     return {"file": ("a.jpg", jpeg_bytes(make_image("red", random.Random(0), 32)), "image/jpeg")}
 

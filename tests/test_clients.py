@@ -11,18 +11,6 @@ from tests.helpers import files_under, ready_dataset
 
 
 @pytest.fixture
-def make_client(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
-    """A client on a clean, migrated database with extra settings."""
-    from api.main import create_app
-
-    def make(**settings: str) -> TestClient:
-        env_for(pg_url, redis_url, **settings)
-        return TestClient(create_app())
-
-    return make
-
-
-@pytest.fixture
 def client(migrated):  # type: ignore[no-untyped-def]
     from api.main import create_app
 
@@ -67,8 +55,8 @@ def test_racing_requests_with_one_idempotency_key_make_one_job(migrated, start_s
     assert len(ids) == 8 and len(set(ids)) == 1
 
 
-def test_api_keys_guard_every_route_but_health(make_client):
-    with make_client(TUNESERVE_API_KEYS="alpha, beta") as client:
+def test_api_keys_guard_every_route_but_health(make_app):
+    with make_app(TUNESERVE_API_KEYS="alpha, beta") as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
         missing = client.get("/v1/jobs")
@@ -82,8 +70,8 @@ def test_api_keys_guard_every_route_but_health(make_client):
         assert client.post("/v1/predict", files={"file": ("a.jpg", b"x")}).status_code == 401
 
 
-def test_per_key_cap_on_active_jobs_is_429(make_client):
-    with make_client(TUNESERVE_API_KEYS="alpha,beta", TUNESERVE_MAX_ACTIVE_JOBS_PER_KEY="2") as client:
+def test_per_key_cap_on_active_jobs_is_429(make_app):
+    with make_app(TUNESERVE_API_KEYS="alpha,beta", TUNESERVE_MAX_ACTIVE_JOBS_PER_KEY="2") as client:
         dataset_id = ready_dataset()
         alpha = {"Authorization": "Bearer alpha"}
         mine = [client.post("/v1/jobs", json={"dataset_id": dataset_id}, headers=alpha) for _ in range(2)]
@@ -96,8 +84,8 @@ def test_per_key_cap_on_active_jobs_is_429(make_client):
         assert client.post("/v1/jobs", json={"dataset_id": dataset_id}, headers=alpha).status_code == 202
 
 
-def test_upload_over_the_limit_is_413_before_the_body_is_read(make_client):
-    with make_client(TUNESERVE_MAX_UPLOAD_MB="1") as client:
+def test_upload_over_the_limit_is_413_before_the_body_is_read(make_app):
+    with make_app(TUNESERVE_MAX_UPLOAD_MB="1") as client:
         declared = client.post("/v1/datasets", files={"file": ("big.zip", b"PK\x03\x04" + b"\0" * (3 * 2**20))})
         assert declared.status_code == 413 and declared.json()["code"] == "payload_too_large"
 

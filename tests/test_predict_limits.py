@@ -20,13 +20,13 @@ from tests.synthetic import jpeg_bytes, make_image
 
 
 @pytest.fixture
-def make_client(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
-    from api.main import create_app
+def make_client(make_app):  # type: ignore[no-untyped-def]
+    """An app with one servable model in project default."""
 
     def make(**settings: str) -> TestClient:
-        env_for(pg_url, redis_url, **settings)
+        client = make_app(**settings)
         publish_model()
-        return TestClient(create_app())
+        return client
 
     return make
 

@@ -22,17 +22,6 @@ ADMIN = "root-bootstrap-key"
 
 
 @pytest.fixture
-def make_app(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
-    from api.main import create_app
-
-    def make(**settings: str) -> TestClient:
-        env_for(pg_url, redis_url, **settings)
-        return TestClient(create_app())
-
-    return make
-
-
-@pytest.fixture
 def client(make_app: Callable[..., TestClient]):  # type: ignore[no-untyped-def]
     with make_app() as test_client:
         yield test_client
