@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.errors import ApiError
-from api.predictor import Batcher, open_upload
+from api.images import open_upload
+from api.predictor import Batcher
 from shared.images import to_rgb
 from tests.model_rows import publish_model
 from tests.synthetic import jpeg_bytes, make_image

@@ -9,7 +9,8 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Principal, PrincipalDep
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from api.predictor import LoadedModel, Predictor, PredictorDep, prepare_images
+from api.images import prepare_images
+from api.predictor import LoadedModel, Predictor, PredictorDep
 from api.schemas import Prediction, PredictResponse, Score
 from api.services import models, project_or_404
 from api.uploads import receive_form
