@@ -1,6 +1,7 @@
-"""Loads trained models and runs inference for /predict. The only API module that imports torch.
+"""Loads trained models and runs inference for /predict. With ``api.images``, the only API module that
+imports torch (lazily, never at import time).
 
-Requests decode and crop their images in the request threadpool (``prepare_images``); one inference
+Requests decode and crop their images in the request threadpool (``api.images.prepare_images``); one inference
 thread (``Batcher``) owns every forward pass and gathers the work of concurrent requests into one batch.
 """
 
