@@ -17,6 +17,9 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
                 507: "insufficient_storage"}
 
 
+DB_UNAVAILABLE = {"detail": "the database is unavailable; try again shortly", "code": "db_unavailable"}
+
+
 class FieldError(BaseModel):
     field: str
     message: str
@@ -79,5 +82,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InterfaceError)
     async def _db(_: Request, exc: DBAPIError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        return JSONResponse({"detail": "the database is unavailable; try again shortly", "code": "db_unavailable"},
-                            status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(DB_UNAVAILABLE, status_code=503, headers={"Retry-After": "5"})

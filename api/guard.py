@@ -9,12 +9,13 @@ the first megabyte, or at once when Content-Length already says so.
 import json
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate
-from api.errors import ApiError
+from api.errors import DB_UNAVAILABLE, ApiError
 from shared.config import get_settings
 from shared.db import get_sessionmaker
 
@@ -105,6 +106,9 @@ class GuardMiddleware:
                 principal = await run_in_threadpool(_authenticate, _bearer(scope))
             except ApiError as exc:
                 await _answer(secured_send, exc.status_code, {"detail": exc.detail, "code": exc.code}, exc.headers)
+                return
+            except (OperationalError, InterfaceError):  # keys live in the database: no database, no answer
+                await _answer(secured_send, 503, DB_UNAVAILABLE, {"Retry-After": "5"})
                 return
             scope.setdefault("state", {})["principal"] = principal
         if scope.get("method") not in BODY_METHODS or _is_multipart(scope):

@@ -33,14 +33,32 @@ def ui_config(settings: SettingsDep, session: SessionDep) -> dict[str, bool]:
     return {"auth_required": bool(settings.api_key_list) or any_active(session=session)}
 
 
+# With keys set, /openapi.json needs one: the docs pages send the key the web UI saved in this browser.
+WITH_KEY = """function withKey(request) {
+  const key = localStorage.getItem("tuneserve.apiKey");
+  if (key) request.headers.Authorization = "Bearer " + key;
+  return request;
+}
+"""
+
+
+def _page(response: HTMLResponse, old: str, new: str) -> HTMLResponse:
+    body = bytes(response.body).decode()
+    if old not in body:
+        raise RuntimeError(f"the docs page changed shape; '{old}' is gone")
+    return HTMLResponse(body.replace(old, new))
+
+
 @router.get("/docs")
 def swagger(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_swagger_ui_html(openapi_url=f"{root}{request.app.openapi_url}", title="tuneserve - Swagger UI",
+    page = get_swagger_ui_html(openapi_url=f"{root}{request.app.openapi_url}", title="tuneserve - Swagger UI",
                                swagger_js_url=f"{root}/static-docs/swagger-ui-bundle.js",
                                swagger_css_url=f"{root}/static-docs/swagger-ui.css",
                                swagger_favicon_url=f"{root}/static-docs/favicon.png",
                                oauth2_redirect_url=f"{root}/docs/oauth2-redirect")
+    return _page(page, "const ui = SwaggerUIBundle({",
+                 WITH_KEY + "const ui = SwaggerUIBundle({\n    requestInterceptor: withKey,")
 
 
 @router.get("/docs/oauth2-redirect")
@@ -51,9 +69,14 @@ def swagger_redirect() -> HTMLResponse:
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_redoc_html(openapi_url=f"{root}{request.app.openapi_url}", title="tuneserve - ReDoc",
+    spec = f"{root}{request.app.openapi_url}"
+    page = get_redoc_html(openapi_url=spec, title="tuneserve - ReDoc",
                           redoc_js_url=f"{root}/static-docs/redoc.standalone.js",
                           redoc_favicon_url=f"{root}/static-docs/favicon.png", with_google_fonts=False)
+    loader = (f'<div id="redoc"></div>\n<script>\n{WITH_KEY}window.addEventListener("load", () => '
+              f'fetch("{spec}", withKey({{headers: {{}}}})).then((r) => r.json())'
+              '.then((doc) => Redoc.init(doc, {}, document.getElementById("redoc"))));\n</script>')
+    return _page(page, f'<redoc spec-url="{spec}"></redoc>', loader)
 
 
 @lru_cache(maxsize=1)
