@@ -223,3 +223,18 @@ def test_a_member_cannot_create_into_another_project_by_form_field(teams: Teams)
     from shared.config import get_settings
 
     assert list((get_settings().data_dir / "tmp").glob("*")) == []
+
+
+def test_an_open_service_closes_when_its_first_key_is_created(make_app: Callable[..., TestClient]):
+    with make_app() as client:
+        assert client.get("/v1/jobs").status_code == 200  # no keys anywhere: open and single-user
+        assert client.get("/ui/config.json").json() == {"auth_required": False}
+        created = client.post("/v1/keys", json={"name": "first", "role": "admin"})
+        assert created.status_code == 201
+        closed = client.get("/v1/jobs")
+        assert (closed.status_code, closed.json()["code"]) == (401, "missing_api_key")
+        assert client.get("/ui/config.json").json() == {"auth_required": True}
+        assert client.get("/v1/jobs", headers=bearer(created.json()["key"])).status_code == 200
+        assert client.delete(f"/v1/keys/{created.json()['id']}", headers=bearer(created.json()["key"])).status_code \
+            == 204
+        assert client.get("/v1/jobs").status_code == 200  # its only key revoked: open again

@@ -209,3 +209,18 @@ def test_an_upload_that_would_eat_the_disk_reserve_is_507_before_the_body(make_a
         answer = client.post("/v1/datasets", files=image())
         assert (answer.status_code, answer.json()["code"]) == (507, "insufficient_storage")
         assert files_under(get_settings().data_dir / "tmp") == []
+
+
+def test_the_predictor_keeps_a_bounded_set_of_project_models_warm(make_app: Callable[..., TestClient]):
+    with make_app(TUNESERVE_PREDICT_MAX_MODELS="2") as client:
+        served = {}
+        for name in ("p1", "p2", "p3"):
+            project_row(name)
+            served[name] = publish_model(project=name, seed=len(served))
+        for _ in range(2):
+            for name, model_id in served.items():
+                answer = client.post(f"/v1/projects/{name}/predict", files=image())
+                assert (answer.status_code, answer.json()["model_id"]) == (200, model_id)
+        predictor = client.app.state.predictor  # type: ignore[attr-defined]
+        assert len(predictor._models) == 2
+        assert set(predictor._models) == {served["p2"], served["p3"]}  # the least recently used project went
