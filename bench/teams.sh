@@ -13,7 +13,7 @@ export TUNESERVE_DATA_DIR=$WORK/data TUNESERVE_API_KEYS=$ADMIN TUNESERVE_DEVICE=
 unset TUNESERVE_DATABASE_URL TUNESERVE_BROKER_URL
 (cd "$ROOT" && "$PY" -m shared.cli dev --port "$PORT" > "$WORK/service.log" 2>&1) &
 SERVICE=$!
-trap 'kill $SERVICE 2>/dev/null; wait $SERVICE 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'status=$?; kill $SERVICE 2>/dev/null; wait $SERVICE 2>/dev/null; rm -rf "$WORK"; exit $status' EXIT
 until curl -sf "$U/healthz" > /dev/null; do sleep 0.5; done
 cd "$WORK"
 PYTHONPATH="$ROOT" "$PY" -c "
