@@ -11,9 +11,9 @@ U=http://127.0.0.1:$PORT
 ADMIN=admin-$(openssl rand -hex 8)
 export TUNESERVE_DATA_DIR=$WORK/data TUNESERVE_API_KEYS=$ADMIN TUNESERVE_DEVICE=cpu
 unset TUNESERVE_DATABASE_URL TUNESERVE_BROKER_URL
-(cd "$ROOT" && "$PY" -m shared.cli dev --port "$PORT" > "$WORK/service.log" 2>&1) &
+(cd "$ROOT" && exec "$PY" -m shared.cli dev --port "$PORT" > "$WORK/service.log" 2>&1) &
 SERVICE=$!
-trap 'status=$?; kill $SERVICE 2>/dev/null; wait $SERVICE 2>/dev/null; rm -rf "$WORK"; exit $status' EXIT
+trap 'status=$?; kill $SERVICE 2>/dev/null; wait $SERVICE 2>/dev/null || true; rm -rf "$WORK"; exit $status' EXIT
 until curl -sf "$U/healthz" > /dev/null; do sleep 0.5; done
 cd "$WORK"
 PYTHONPATH="$ROOT" "$PY" -c "
