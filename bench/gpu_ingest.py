@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_report import emit  # noqa: E402
 from bench.ingest import bench_ingest, make_jpeg  # noqa: E402
 
 CHUNK = 500
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="shorter side of the JPEGs")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--step", default="", help="bench/gpu.sh step name: record each row under it")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-ingest-"))
     for key in ("TUNESERVE_DATABASE_URL", "TUNESERVE_BROKER_URL"):
@@ -48,9 +50,14 @@ def main() -> None:
             for i, data in enumerate(blobs, start):
                 upload.writestr(f"photos/class_{i % args.classes:02d}/{i:06d}.jpg", data)
     generated = time.perf_counter() - started
+    if args.step:
+        emit(args.step, f"generate {args.images} JPEGs ({args.size} px) on {os.cpu_count()} CPUs (setup)",
+             args.images / generated)
     rate, _ = bench_ingest(root / "upload.zip", root / "data")
     print(f"generated {args.images} JPEGs ({args.size} px) in {generated:.1f} s on {os.cpu_count()} CPUs; "
           f"ingested at {rate:.0f} images/s")
+    if args.step:
+        emit(args.step, "ingest: worker path, zip -> uint8 cache (embedded SQLite)", rate)
     if args.json:
         args.json.write_text(json.dumps({"images": args.images, "jpeg_size": args.size,
                                          "generate_seconds": generated, "ingest_images_per_second": rate}))

@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=32, help="predict_max_batch when batching is on")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--step", default="", help="bench/gpu.sh step name: record each level under it")
     return parser.parse_args()
 
 
@@ -113,7 +114,8 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit(f"the API did not start; see {log}")
+    tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+    raise SystemExit(f"the API did not start; the end of {log}:\n{tail}")
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -186,6 +188,8 @@ def main() -> int:
                       TUNESERVE_PREDICT_MAX_WAIT_MS=str(args.max_wait_ms))
     env = dict(os.environ)
     sys.path.insert(0, str(REPO_ROOT))
+    from bench.gpu_report import emit
+
     model_id = publish_model(args)
     bodies = [multipart(image, i) for i, image in enumerate(jpegs(16, args.image_size * 5 // 4))]
     print(f"model {model_id}: {args.base_model} at {args.image_size} px, {args.classes} classes, device "
@@ -208,6 +212,11 @@ def main() -> int:
             for mode, row in (("on", on[concurrency]), ("off", off[concurrency])):
                 print(f"  batching {mode:<3} c={concurrency:<3} {row['rps']:7.1f} img/s  p50 {row['p50']:7.1f} ms  "
                       f"p99 {row['p99']:7.1f} ms  mean batch {row['batch']:.1f}", flush=True)
+                if args.step:
+                    target = {"target": 3000} if mode == "on" and args.device == "cuda" else {}
+                    emit(args.step, f"/predict HTTP c={concurrency}, batching {mode}", row["rps"],
+                         p50_ms=round(row["p50"], 1), p99_ms=round(row["p99"], 1), errors=row["errors"],
+                         mean_batch=round(row["batch"], 1), **target)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

@@ -9,12 +9,15 @@ Weights are random (this machine is offline); throughput does not depend on them
 
     python bench/train.py                       # CPU, 600 images, 64 px, 5 epochs (~2-4 min on 2 cores)
     python bench/train.py --device cuda --image-size 224 --batch-size 256 --images 20000
-    python bench/train.py --only naive,ours,compiled --json out.json   # rows bench/gpu.sh times
+    python bench/train.py --only naive,ours --data-dir /tmp/d   # what bench/gpu.sh times (and --only compiled)
+
+Every row (and every epoch of ours) is printed and recorded as it is measured (bench/gpu_report.py, $GPU_JSON).
 """
 
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_report import emit  # noqa: E402
 from shared.hyperparameters import Hyperparameters  # noqa: E402
 from shared.modeling import build_model, resize_size_for  # noqa: E402
 from shared.storage import write_json  # noqa: E402
@@ -37,11 +41,20 @@ from worker.training.engine import fit  # noqa: E402
 
 
 class Quiet:
+    """Prints progress now and then and records each epoch's rate as a row (what a killed step keeps)."""
+
+    def __init__(self, step: str = "", label: str = "") -> None:
+        self.step, self.label = step, label
+
     def progress(self, progress: dict[str, Any]) -> None:
-        pass
+        if self.step:
+            print(f"  {self.label}: epoch {progress['epoch']} step {progress['step']}/{progress['steps']} "
+                  f"{progress['images_per_second']:.0f} img/s", flush=True)
 
     def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
-        pass
+        if self.step:
+            emit(self.step, f"{self.label}, epoch {epoch}", metrics["images_per_second"],
+                 seconds=metrics["seconds"])
 
     def stop_requested(self) -> bool:
         return False
@@ -126,12 +139,13 @@ def naive(files: list[tuple[Path, int]], splits: np.ndarray, args: argparse.Name
 
 
 def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, features_dir: Path | None = None,
-         compile_model: bool = False, **overrides: Any) -> dict[str, float]:
+         compile_model: bool = False, label: str = "", **overrides: Any) -> dict[str, float]:
     hp = Hyperparameters(base_model=args.base_model, weights="none", epochs=args.epochs, image_size=args.image_size,
                          batch_size=args.batch_size, **overrides)
     started = time.perf_counter()
     result = fit(hp=hp, data=data, splits=splits, device=torch.device(args.device), work_dir=work,
-                 weights_dir=None, reporter=Quiet(), features_dir=features_dir, compile_model=compile_model)
+                 weights_dir=None, reporter=Quiet(args.step, label), features_dir=features_dir,
+                 compile_model=compile_model)
     # Compiling happens in the first epoch: the compiled row's rate is that of the epochs after it.
     timed = result.history[1:] if compile_model and len(result.history) > 1 else result.history
     trained = sum(row["train_images"] for row in timed)
@@ -155,6 +169,9 @@ def main() -> None:
                         help="rows to run, of naive, ours, compiled (ours with torch.compile), probe")
     parser.add_argument("--jpeg-size", type=int, help="side of the generated JPEGs (default image size + 1/8)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--data-dir", type=Path, help="keep the generated JPEGs and cache here, and reuse them "
+                        "when they match (bench/gpu.sh's train and compile steps share one set)")
+    parser.add_argument("--step", default="", help="bench/gpu.sh step name: record rows and epochs under it")
     args = parser.parse_args()
     only = set(args.only.split(","))
     torch.backends.cudnn.benchmark = True
@@ -162,38 +179,61 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
         jpeg_size = args.jpeg_size or args.image_size + args.image_size // 8
-        files = make_jpegs(root / "jpegs", images=args.images, size=jpeg_size)
         side = resize_size_for(args.image_size)
+        store = args.data_dir / f"{args.images}-{jpeg_size}-{side}" if args.data_dir else root
         cache_start = time.perf_counter()
-        build_cache(files, root / "cache", side)
+        if (store / "done.json").is_file():
+            files = [(store / "jpegs" / p, label) for p, label in json.loads((store / "done.json").read_text())]
+            print(f"reusing {len(files)} JPEGs and their cache from {store}", flush=True)
+        else:
+            shutil.rmtree(store / "jpegs", ignore_errors=True)
+            shutil.rmtree(store / "cache", ignore_errors=True)
+            files = make_jpegs(store / "jpegs", images=args.images, size=jpeg_size)
+            build_cache(files, store / "cache", side)
+            if args.data_dir:
+                (store / "done.json").write_text(json.dumps([(str(p.relative_to(store / "jpegs")), label)
+                                                             for p, label in files]))
         cache_seconds = time.perf_counter() - cache_start
-        data = load_cache(root / "cache")
+        print(f"{args.images} JPEGs ({jpeg_size} px) and their {side} px cache ready in {cache_seconds:.1f} s",
+              flush=True)
+        data = load_cache(store / "cache")
         splits = make_splits(labels=data.labels, preset=data.preset_splits, val_fraction=0.15, test_fraction=0.15,
                              seed=0)
         rows = []
-        if "naive" in only:
-            rows.append(("(a) naive: PIL per step, fp32, NCHW, Adam 1e-4, b32", naive(files, splits, args)))
-        if "ours" in only:
-            rows.append(("(b) ours, defaults, from the uint8 cache", ours(data, splits, root / "b", args)))
-        if "compiled" in only:
-            rows.append(("(b) ours, torch.compile (epochs after the first)", ours(data, splits, root / "bc", args,
-                                                                            compile_model=True)))
+
+        def add(name: str, row: dict[str, float], **extra: Any) -> None:
+            rows.append((name, row))
+            if args.step:
+                emit(args.step, name, row["images_per_second"], wall=round(row["wall"], 1),
+                     accuracy=round(row["accuracy"], 3), **extra)
+
+        target = {"target": 5000} if args.device == "cuda" and args.image_size == 224 else {}
+        for run in [run for run in args.only.split(",") if run in ("naive", "ours", "compiled")]:  # in that order
+            if run == "naive":
+                add("(a) naive: PIL per step, fp32, NCHW, Adam 1e-4, b32", naive(files, splits, args))
+            elif run == "ours":
+                add("(b) ours, defaults, from the uint8 cache", ours(data, splits, root / "b", args,
+                                                                     label="(b) ours"), **target)
+            else:
+                add("(b) ours, torch.compile (epochs after the first)", ours(data, splits, root / "bc", args,
+                                                                          compile_model=True, label="(b) compiled"),
+                    **target)
         if args.ablate:
-            rows.append(("(b') ours, bf16 autocast (opt-in on CPU)", ours(data, splits, root / "b1", args,
-                                                                          mixed_precision="bf16")))
-            rows.append(("(b'') ours, NCHW (channels_last off)", ours(data, splits, root / "b2", args,
-                                                                      channels_last=False)))
+            add("(b') ours, bf16 autocast (opt-in on CPU)", ours(data, splits, root / "b1", args,
+                                                                 mixed_precision="bf16"))
+            add("(b'') ours, NCHW (channels_last off)", ours(data, splits, root / "b2", args, channels_last=False))
         probe = {"freeze": "backbone", "augment": "none", "head": "linear", "learning_rate": 1e-2}
         if "probe" in only:
-            rows.append(("(c) linear probe, features computed (cold)", ours(data, splits, root / "c1", args,
-                                                                            root / "features", **probe)))
-            rows.append(("(c) linear probe, features cached (warm)", ours(data, splits, root / "c2", args,
-                                                                          root / "features", **probe)))
+            add("(c) linear probe, features computed (cold)", ours(data, splits, root / "c1", args,
+                                                                   root / "features", **probe))
+            add("(c) linear probe, features cached (warm)", ours(data, splits, root / "c2", args,
+                                                                 root / "features", **probe))
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"\n{args.base_model}, {args.images} images ({int((splits == TRAIN).sum())} train), {args.image_size} px, "
           f"{args.epochs} epochs, {device}; cache build (once per dataset) {cache_seconds:.1f} s\n")
-    naive_row, full_row = rows[0][1], rows[min(1, len(rows) - 1)][1]
+    naive_row = next((row for name, row in rows if name.startswith("(a)")), rows[0][1])
+    full_row = next((row for name, row in rows if name.startswith("(b) ours, defaults")), rows[0][1])
     print(f"| {'run':<52} | train img/s | vs (a) | wall s | vs (b) wall | test acc |")
     print(f"|{'-' * 54}|-------------|--------|--------|-------------|----------|")
     for name, row in rows:
