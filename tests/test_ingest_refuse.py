@@ -308,28 +308,6 @@ def test_a_healthy_ingestion_counts_one_attempt_and_one_past_its_time_limit_fail
     assert not dataset_dir(settings, slow.id).exists()
 
 
-def test_tiny_images_are_cached_at_their_own_size_not_blown_up(migrated, tmp_path):
-    """2,000 16 px PNGs in a tar.gz of a few hundred KB: cached at 32 px (6 MB), not at 256 px (393 MB)."""
-    from worker.ingest import cache_side
-
-    settings = Settings(cache_size=256, min_images_per_class=2)
-    files = {f"{label}/{i:04d}.png": solid(color, size=(16, 16), fmt="PNG", seed=i)
-             for label, color in TWO.items() for i in range(1000)}
-    archive = write_tar(tmp_path / "tiny.tar.gz", files, gz=True)
-    assert archive.stat().st_size < 2 * 2**20
-
-    dataset = ingest(settings, archive)
-
-    assert dataset.status == "ready", dataset.error
-    images = np.load(dataset_cache(settings, dataset.id) / "images.npy", mmap_mode="r")
-    assert images.shape == (2000, 32, 32, 3)
-    photos = write_zip(tmp_path / "big.zip", {"a/1.jpg": solid(RED, size=(400, 300)), "b/1.jpg": solid(BLUE)})
-    from worker.archive import ArchiveReader
-
-    reader = ArchiveReader(photos, max_entries=10, max_bytes=2**30)
-    assert cache_side(reader, ["a/1.jpg", "b/1.jpg"], settings) == 256  # one large image keeps the full side
-
-
 def test_a_cache_that_would_eat_the_disk_reserve_is_refused_before_decoding(settings, tmp_path):
     greedy = settings.model_copy(update={"min_free_disk_gb": 10**6})
     dataset = ingest(greedy, write_zip(tmp_path / "d.zip", image_folder(TWO, per_class=3)))

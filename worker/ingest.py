@@ -1,8 +1,6 @@
 """Turn an uploaded archive into a dataset: labels, splits, a report, and a decoded uint8 cache."""
 
-import contextlib
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -14,12 +12,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import select, update
 
 from shared.config import Settings, get_settings
 from shared.db import session_scope
-from shared.images import IMAGE_FORMATS
 from shared.orm import Dataset, utcnow
 from shared.quota import remaining_bytes
 from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, redact_paths, write_json
@@ -35,8 +31,6 @@ PROGRESS_SECONDS = 1.0  # how often processed/total is written to the row while 
 # Rows kept in the database for the UI; the counts in the report are always complete.
 LIST_LIMIT = 1000
 GROUP_LIMIT = 100
-SIDE_SAMPLE = 256  # image headers read to choose the cache side
-MIN_CACHE_SIDE = 32
 GROUP_PATHS = 20  # paths listed per group: 200k copies of one image must not become a 10 MB report
 
 
@@ -124,15 +118,14 @@ def worker_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_members(members: Iterator[Member], *, settings: Settings, workers: int, side: int | None = None
+def decode_members(members: Iterator[Member], *, settings: Settings, workers: int
                    ) -> Iterator[tuple[str, np.ndarray | str, str]]:
     """(path, square or rejection reason, sha256) in archive order, decoded on ``workers`` threads.
 
     Pillow and hashlib release the GIL while they work, so threads use every core without copying
     images between processes. At most a few images per thread are in memory at once.
     """
-    side = side or settings.cache_size
-    pixels, min_side = settings.max_image_pixels, settings.min_image_side
+    side, pixels, min_side = settings.cache_size, settings.max_image_pixels, settings.min_image_side
 
     def work(member: Member) -> tuple[str, np.ndarray | str, str]:
         if member.problem:
@@ -196,27 +189,6 @@ def _over_quota(written: int, left: int, rejected: list[dict[str, str]]) -> Data
                           "its quota_mb", "quota_exceeded", rejected)
 
 
-def cache_side(reader: ArchiveReader, paths: list[str], settings: Settings) -> int:
-    """The side of the cached squares: CACHE_SIZE, or less when the images are smaller than that.
-
-    Read from the headers of the first SIDE_SAMPLE images: a dataset of 28 px digits is cached at 32 px,
-    not blown up 80-fold to 256 px (a 2 MB archive of tiny PNGs must not become tens of GB on disk).
-    """
-    sample = paths[:SIDE_SAMPLE]
-    largest = 0
-    members = reader.read_files(set(sample), max_file_bytes=settings.max_image_mb * 2**20)
-    with contextlib.closing(members):  # a tar is read in order: stop after the sample, not at its end
-        for seen, member in enumerate(members, 1):
-            # An unreadable header says nothing about the others; decoding reports it properly later.
-            with contextlib.suppress(Exception), Image.open(io.BytesIO(member.data), formats=IMAGE_FORMATS) as image:
-                largest = max(largest, min(image.size))
-            if seen >= len(sample):
-                break
-    if largest == 0 or largest >= settings.cache_size:
-        return settings.cache_size
-    return max(MIN_CACHE_SIDE, -(-largest // 16) * 16)
-
-
 def _check_disk(settings: Settings, needed: int, rejected: list[dict[str, str]]) -> None:
     free = shutil.disk_usage(settings.data_dir).free
     reserve = int(settings.min_free_disk_gb * 2**30)
@@ -239,8 +211,7 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
     # Fail before decoding anything when the layout alone already says what is wrong.
     _validate(Counter(label for label, _ in wanted.values()), settings, rejected, enough=False)
     total = len(wanted)
-    side = cache_side(reader, [p for p in paths if p in wanted], settings)
-    row_bytes = side * side * 3
+    row_bytes = settings.cache_size * settings.cache_size * 3
     # Bounded before a byte is written: the cache can only be this large (rejected images make it smaller).
     _check_disk(settings, total * row_bytes, rejected)
     _set(dataset_id, progress={"processed": 0, "total": total})
@@ -249,11 +220,11 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
     last_report = time.monotonic()
 
     with atomic_dir(dataset_cache(settings, dataset_id)) as tmp:
-        store = ImageStore(tmp / "images.npy", capacity=total, side=side)
+        store = ImageStore(tmp / "images.npy", capacity=total, side=settings.cache_size)
         members = reader.read_files(set(wanted), max_file_bytes=settings.max_image_mb * 2**20)
         try:
             for done, (path, outcome, digest) in enumerate(
-                    decode_members(members, settings=settings, workers=worker_count(), side=side), 1):
+                    decode_members(members, settings=settings, workers=worker_count()), 1):
                 if isinstance(outcome, str):
                     rejected.append({"path": path, "reason": outcome})
                 else:
@@ -277,7 +248,7 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
         index = {c: i for i, c in enumerate(classes)}
         np.save(tmp / "labels.npy", np.array([index[wanted[p][0]] for p in kept], dtype=np.int64))
         np.save(tmp / "splits.npy", np.array([SPLIT_CODES[wanted[p][1]] for p in kept], dtype=np.int8))
-        write_json(tmp / "index.json", {"classes": classes, "paths": kept, "cache_size": side})
+        write_json(tmp / "index.json", {"classes": classes, "paths": kept, "cache_size": settings.cache_size})
     seconds = time.monotonic() - started
     report = _report(kept, wanted, hashes, counts)
     report.update(rejected_count=len(rejected), ingest_seconds=round(seconds, 2),
