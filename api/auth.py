@@ -49,8 +49,9 @@ def _unauthorized(code: str, detail: str) -> ApiError:
     return ApiError(401, code, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
 
@@ -91,7 +92,8 @@ def get_principal(request: Request, settings: Annotated[Settings, Depends(get_se
     if isinstance(known, Principal):
         return known
     with get_sessionmaker()() as session:
-        principal = authenticate(session=session, settings=settings, token=_bearer(request))
+        principal = authenticate(session=session, settings=settings,
+                                 token=bearer_token(request.headers.get("authorization", "")))
     request.state.principal = principal
     return principal
 

@@ -11,10 +11,11 @@ from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import authenticate
+from api.auth import authenticate, bearer_token
 from api.errors import DB_UNAVAILABLE, ApiError
 from shared.config import get_settings
 from shared.db import get_sessionmaker
@@ -60,15 +61,6 @@ def _authenticate(token: str | None) -> Any:
         return authenticate(session=session, settings=get_settings(), token=token)
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope.get("headers") or []:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
-    return None
-
-
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers") or []:
         if name == b"content-length" and value.isdigit():
@@ -103,7 +95,8 @@ class GuardMiddleware:
 
         if not is_public(scope):
             try:
-                principal = await run_in_threadpool(_authenticate, _bearer(scope))
+                token = bearer_token(Headers(scope=scope).get("authorization", ""))
+                principal = await run_in_threadpool(_authenticate, token)
             except ApiError as exc:
                 await _answer(secured_send, exc.status_code, {"detail": exc.detail, "code": exc.code}, exc.headers)
                 return
