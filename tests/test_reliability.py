@@ -85,3 +85,30 @@ def test_reconciler_sends_each_unsent_row_exactly_once(migrated):
     prefix = settings.broker_key_prefix
     assert broker.llen(f"{prefix}train") == 1
     assert broker.llen(f"{prefix}ingest") == 1
+
+
+def test_a_worker_that_is_shutting_down_sends_nothing(migrated):
+    """Its own consumer could take the message and exit holding it unacked for the visibility timeout."""
+    import time
+
+    from worker.reliability import SHUTDOWN, start_reconciler
+
+    job_id = job_row(ready_dataset())
+    set_job(job_id, created_at=utcnow() - timedelta(minutes=1))
+    settings = get_settings().model_copy(update={"reconcile_interval_seconds": 0.05})
+    SHUTDOWN.set()
+    try:
+        stop = start_reconciler(settings)
+        time.sleep(0.5)
+        stop.set()
+    finally:
+        SHUTDOWN.clear()
+    assert get_job(job_id).enqueued_at is None
+    stop = start_reconciler(settings)  # the same job is sent by a worker that is not leaving
+    try:
+        deadline = time.monotonic() + 10
+        while get_job(job_id).enqueued_at is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+    assert get_job(job_id).enqueued_at is not None

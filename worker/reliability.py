@@ -101,6 +101,10 @@ def start_reconciler(settings: Settings | None = None) -> threading.Event:
 
     def loop() -> None:
         while not stop.wait(settings.reconcile_interval_seconds):
+            if SHUTDOWN.is_set():
+                # A worker on its way out must not send: its own consumer could take the message and
+                # exit holding it unacked, where it stays until the visibility timeout (12 h).
+                return
             try:
                 reconcile_once(settings=settings)
             except Exception:
