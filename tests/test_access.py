@@ -238,3 +238,14 @@ def test_an_open_service_closes_when_its_first_key_is_created(make_app: Callable
         assert client.delete(f"/v1/keys/{created.json()['id']}", headers=bearer(created.json()["key"])).status_code \
             == 204
         assert client.get("/v1/jobs").status_code == 200  # its only key revoked: open again
+
+
+def test_names_and_ids_that_cannot_exist_are_404_without_reaching_the_database(teams: Teams):
+    for path in ("/v1/keys/%00abc", "/v1/keys/not-a-uuid"):
+        answer = teams.client.delete(path, headers=teams.admin)
+        assert (answer.status_code, answer.json()["code"]) == (404, "key_not_found"), path
+    for name in ("%00abc", "Team-A", "a" * 64):
+        answer = teams.client.get(f"/v1/projects/{name}", headers=teams.admin)
+        assert (answer.status_code, answer.json()["code"]) == (404, "project_not_found"), name
+    named = teams.client.post("/v1/predict", files=image(), data={"project": "x\x00y"}, headers=teams.admin)
+    assert (named.status_code, named.json()["code"]) == (404, "project_not_found")

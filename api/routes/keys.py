@@ -1,3 +1,5 @@
+import uuid
+
 from fastapi import APIRouter, Response
 
 from api.auth import AdminDep
@@ -26,6 +28,10 @@ def list_keys(session: SessionDep, _: AdminDep, include_revoked: bool = False) -
 
 @router.delete("/{key_id}", status_code=204)
 def revoke_key(key_id: str, session: SessionDep, _: AdminDep) -> Response:
-    if len(key_id) > 64 or apikeys.revoke_key(session=session, key_id=key_id) is None:
+    try:
+        uuid.UUID(key_id)  # ids that are not UUIDs (a NUL byte, say) never reach the database
+    except ValueError:
+        raise not_found("key", key_id) from None
+    if apikeys.revoke_key(session=session, key_id=key_id) is None:
         raise not_found("key", key_id)
     return Response(status_code=204)

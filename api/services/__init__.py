@@ -12,6 +12,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from api.auth import Principal
 from api.errors import not_found
+from shared.apikeys import PROJECT_NAME
 from shared.orm import Project
 
 
@@ -36,7 +37,8 @@ def get_or_404(session: Session, table: type[Row], kind: str, item_id: str, *, p
 
 
 def project_or_404(session: Session, name: str, *, principal: Principal) -> Project:
-    project = session.get(Project, name) if len(name) <= 63 else None
+    # A name that cannot exist (a NUL byte, say) never reaches the database.
+    project = session.get(Project, name) if PROJECT_NAME.fullmatch(name) else None
     if project is None or not principal.can_see(project.name):
         raise not_found("project", name)
     return project
