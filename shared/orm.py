@@ -144,3 +144,34 @@ class Model(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     pinned: Mapped[bool] = mapped_column(default=False)  # at most one per project
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class BatchPrediction(Base):
+    """One model run over many images (an uploaded archive or a ready dataset); results live on disk."""
+
+    __tablename__ = "batch_predictions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project: Mapped[str] = project_column("batch_predictions")
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the principal's id
+    status: Mapped[str] = mapped_column(String(16), index=True)  # the job states of shared.jobstate
+    source: Mapped[str] = mapped_column(String(16))  # "archive" or "dataset"
+    dataset_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    filename: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    # Pinned at creation, so promoting another model later does not change a batch half-way.
+    model_id: Mapped[str] = mapped_column(String(36))
+    top_k: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int | None] = mapped_column(Integer, nullable=True)  # known once the worker has listed the images
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -14,7 +14,7 @@ from shared.migrate import downgrade, upgrade
 from shared.orm import Base
 from tests.conftest import PG_ADMIN
 
-TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "alembic_version"}
+TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "batch_predictions", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -56,6 +56,20 @@ def test_downgrade_to_base_and_up_again(fresh_url):
     assert tables(fresh_url) == {"alembic_version"}
     upgrade(fresh_url)
     assert tables(fresh_url) == TABLES
+
+
+def test_0005_adds_and_drops_batch_predictions_only(fresh_url):
+    upgrade(fresh_url, "0004")
+    assert tables(fresh_url) == TABLES - {"batch_predictions"}
+    upgrade(fresh_url, "0005")
+    assert tables(fresh_url) == TABLES
+    engine = make_engine(fresh_url)
+    columns = {c["name"] for c in inspect(engine).get_columns("batch_predictions")}
+    engine.dispose()
+    assert {"project", "owner", "status", "model_id", "top_k", "total", "done", "rejected", "attempts",
+            "enqueued_at"} <= columns
+    downgrade(fresh_url, "0004")
+    assert tables(fresh_url) == TABLES - {"batch_predictions"}
 
 
 def test_0002_era_rows_move_into_project_default(fresh_url):
