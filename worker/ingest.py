@@ -207,6 +207,8 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
     paths = [e.path for e in reader.entries()]
     layout = resolve_layout(paths, lambda p: reader.read_file(p, max_file_bytes=MANIFEST_MAX_BYTES).data)
     rejected = list(layout.rejected)
+    if layout.error:
+        raise DatasetInvalid(layout.error, "bad_manifest", rejected)
     wanted = {path: (label, split) for path, label, split in layout.items}
     # Fail before decoding anything when the layout alone already says what is wrong.
     _validate(Counter(label for label, _ in wanted.values()), settings, rejected, enough=False)
