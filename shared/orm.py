@@ -4,7 +4,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -143,6 +143,9 @@ class Model(Base):
     image_size: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     pinned: Mapped[bool] = mapped_column(default=False)  # at most one per project
+    # Abstain threshold on the calibrated top score (0: never); per-class values override it for their label.
+    min_score: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    class_min_scores: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 

@@ -181,7 +181,8 @@ def _rank_main(rank_id: int, world: int, port: int, job: dict[str, Any], events:
             from worker.training.engine import save_checkpoint
             save_checkpoint(work_dir / RESULT, {
                 "model": result.model.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
-                "stopped": result.stopped, "val": result.val, "test": result.test})
+                "stopped": result.stopped, "val": result.val, "test": result.test,
+                "calibration": result.calibration})
     finally:
         dist.destroy_process_group()
 
@@ -224,4 +225,4 @@ def fit_distributed(
     model = build_model(base_model=hp.base_model, num_classes=len(classes), head=hp.head, dropout=hp.dropout)
     model.load_state_dict(state["model"])
     return FitResult(model=model, history=state["history"], best_epoch=state["best_epoch"], stopped=state["stopped"],
-                     val=state["val"], test=state["test"])
+                     val=state["val"], test=state["test"], calibration=state.get("calibration", {}))

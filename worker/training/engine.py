@@ -16,6 +16,7 @@ from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
 from shared.storage import atomic_path
 from worker.training import distributed
+from worker.training.calibration import calibration_report
 from worker.training.data import TEST, TRAIN, VAL, CachedDataset, batch_count, iterate_batches, prepare_batch
 from worker.training.features import cached_features, features_path, uses_feature_cache
 from worker.training.metrics import classification_report
@@ -62,6 +63,7 @@ class FitResult:
     features_reused: bool | None = None  # None: the frozen-backbone fast path was not taken
     val: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature fitted on val, test ECE before/after
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -292,9 +294,11 @@ def fit(
                        features_reused=features_reused)
     if stopped != "cancelled":
         scorer = final.fc if features_reused is not None else final
+        scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, idx in (("val", val_idx), ("test", test_idx)):
             probs, labels = evaluate(model=scorer, data=source, indices=idx, hp=hp, device=device, dtype=dtype,
                                      prepare=prepare)
+            scored[name] = (probs, labels)
             report = classification_report(probs=probs, labels=labels, classes=data.classes)
             if len(labels):
                 report["loss"] = _loss(probs, labels)
@@ -302,4 +306,5 @@ def fit(
                 report["misclassified"] = pick_misclassified(indices=np.sort(idx), probs=probs, labels=labels,
                                                              classes=data.classes)
             setattr(result, name, report)
+        result.calibration = calibration_report(val=scored["val"], test=scored["test"])
     return result

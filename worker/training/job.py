@@ -171,12 +171,14 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
         return
     model_id = new_id()
     metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,
-               "stopped": result.stopped, "epochs_run": len(result.history)}
+               "stopped": result.stopped, "epochs_run": len(result.history), "calibration": result.calibration}
     meta = {
         "model_id": model_id, "job_id": job.id, "dataset_id": job.dataset_id, "base_model": hp.base_model,
         "head": hp.head, "dropout": hp.dropout, "classes": data.classes, "image_size": hp.image_size,
         "resize_size": resize_size_for(hp.image_size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "hyperparameters": hp.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat(),
+        # The predictor divides logits by it; without it (older models) scores are the raw softmax.
+        "temperature": result.calibration.get("temperature", 1.0),
     }
     save_model_artifact(directory=model_dir(settings, model_id), model=result.model, meta=meta)
     # Before the model row exists, so nobody is ever pointed at a thumbnail not yet written.
