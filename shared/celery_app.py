@@ -9,8 +9,10 @@ from shared.config import Settings, get_settings
 
 TASK_INGEST = "tuneserve.ingest_dataset"
 TASK_TRAIN = "tuneserve.train"
+TASK_BATCH = "tuneserve.batch_predict"
 QUEUE_INGEST = "ingest"
 QUEUE_TRAIN = "train"
+QUEUE_BATCH = "batch"
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -44,7 +46,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=QUEUE_TRAIN,
-        task_routes={TASK_INGEST: {"queue": QUEUE_INGEST}, TASK_TRAIN: {"queue": QUEUE_TRAIN}},
+        task_routes={TASK_INGEST: {"queue": QUEUE_INGEST}, TASK_TRAIN: {"queue": QUEUE_TRAIN},
+                     TASK_BATCH: {"queue": QUEUE_BATCH}},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_serializer="json",
@@ -66,3 +69,7 @@ def enqueue_ingest(dataset_id: str) -> None:
 
 def enqueue_train(job_id: str) -> None:
     get_celery().send_task(TASK_TRAIN, args=[job_id], queue=QUEUE_TRAIN)
+
+
+def enqueue_batch(batch_id: str) -> None:
+    get_celery().send_task(TASK_BATCH, args=[batch_id], queue=QUEUE_BATCH)

@@ -40,6 +40,11 @@ def model_dir(settings: Settings, model_id: str) -> Path:
     return settings.data_dir / "models" / model_id
 
 
+def batch_dir(settings: Settings, batch_id: str) -> Path:
+    """A batch prediction's uploaded archive, its result chunks while it runs, and its results files."""
+    return settings.data_dir / "batches" / batch_id
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside ``final``; rename it into place only if the block succeeds."""
