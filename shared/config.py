@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # the wall time one ingestion may take (checked between images).
     ingest_max_attempts: int = Field(3, ge=1)
     ingest_max_minutes: float = Field(120.0, gt=0)
+    # Batch predictions: images one batch may hold (more fails it before any is decoded), and images per
+    # results chunk (a killed worker redoes at most one chunk).
+    batch_max_images: int = Field(100_000, ge=1)
+    batch_chunk_images: int = Field(256, ge=1, le=4096)
     # Disk left free whatever an upload or its decoded cache would take (507 / dataset failed otherwise).
     min_free_disk_gb: float = Field(2.0, ge=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
