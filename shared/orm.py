@@ -178,3 +178,55 @@ class BatchPrediction(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Webhook(Base):
+    """A URL that gets a signed POST when a resource of its project reaches a final state."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    # Hooks hold nothing on disk: deleting a project takes its hooks (and their delivery log) with it.
+    project: Mapped[str] = mapped_column(String(63), ForeignKey("projects.name", name="fk_webhooks_project",
+                                                                ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    # Kept as given, not hashed: every delivery is signed with it (HMAC needs the secret itself).
+    secret: Mapped[str] = mapped_column(String(256))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEvent(Base):
+    """One state change, written in the transaction that made it; ``body`` is the exact JSON POSTed
+    (and signed), the same bytes on every retry."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(String(63), ForeignKey("projects.name", name="fk_webhook_events_project",
+                                                                ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    resource_id: Mapped[str] = mapped_column(String(36))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one hook: pending until a 2xx (delivered) or until its attempts run out (failed).
+    A sender holds it by ``lease_until``/``leased_by`` while its POST is in flight."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("event_id", "hook_id", name="uq_webhook_deliveries_event_hook"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True)
+    hook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    lease_until: Mapped[datetime | None] = mapped_column(nullable=True)
+    leased_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
