@@ -1,5 +1,7 @@
 """Preprocessing shared by evaluation in training and by the predictor, driven by model.json."""
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -33,12 +35,20 @@ def to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _scaled_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std x 255 as 1x3x1x1 tensors, made once per device: building them per batch is a blocking
+    host-to-device copy every step on a GPU."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize_batch(
     batch: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
     """uint8 NCHW -> float NCHW normalised; runs wherever ``batch`` lives (CPU or GPU)."""
-    mean_t = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=batch.device).view(1, 3, 1, 1) * 255
+    mean_t, std_t = _scaled_stats(mean, std, batch.device)
     # One copy, then in place: a third of the time of out-of-place ops on a 224 px batch.
     return batch.to(torch.float32, copy=True).sub_(mean_t).div_(std_t)
 
