@@ -45,7 +45,8 @@ def api(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info
 
 
 @app.command()
-def worker(queues: Annotated[str, typer.Option("--queues", help="comma-separated: ingest, train")] = "ingest,train",
+def worker(queues: Annotated[str, typer.Option("--queues", help="comma-separated: ingest, train, batch")
+                             ] = "ingest,train,batch",
            name: Annotated[str | None, typer.Option("--name", help="worker name prefix")] = None,
            log_level: Annotated[str, typer.Option("--log-level")] = "INFO") -> None:
     """Run a Celery worker (solo pool: one job at a time, one per GPU)."""
@@ -61,7 +62,7 @@ def worker(queues: Annotated[str, typer.Option("--queues", help="comma-separated
 def dev(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
     """Migrate, then run the API and one worker (embedded defaults); Ctrl-C stops both."""
     migrate()
-    child = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train"])
+    child = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train,batch"])
     try:
         _serve(host, port, log_level)
     finally:

@@ -132,7 +132,7 @@ class Service:
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen:
         log = (self.log_dir / f"{name}-{len(self.processes)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train"],
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train,batch"],
                                 env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(proc)
         return proc

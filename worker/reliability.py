@@ -9,12 +9,13 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from shared.celery_app import enqueue_ingest, enqueue_train
+from shared import batchstate
+from shared.celery_app import enqueue_batch, enqueue_ingest, enqueue_train
 from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.jobstate import FINAL, JobStatus, transition
-from shared.orm import Dataset, Job, utcnow
-from shared.storage import job_dir
+from shared.orm import BatchPrediction, Dataset, Job, utcnow
+from shared.storage import batch_dir, job_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,45 @@ def reap_stale_jobs(*, settings: Settings) -> list[str]:
     return moved
 
 
+def reap_stale_batches(*, settings: Settings) -> list[str]:
+    """As ``reap_stale_jobs``, for batch predictions: a requeued batch resumes after its last written chunk."""
+    cutoff = utcnow() - timedelta(seconds=settings.lease_timeout_seconds)
+    table = BatchPrediction
+    moved = []
+    with session_scope() as session:
+        stale = session.execute(select(table.id, table.status, table.attempts, table.heartbeat_at).where(
+            table.status.in_([JobStatus.running, JobStatus.cancelling]),
+            or_(table.heartbeat_at.is_(None), table.heartbeat_at < cutoff))).all()
+    for batch_id, status, attempts, beat in stale:
+        unchanged = table.heartbeat_at.is_(None) if beat is None else table.heartbeat_at == beat
+        with session_scope() as session:
+            if status == JobStatus.cancelling:
+                to, fields = JobStatus.cancelled, {}
+            elif attempts >= settings.job_max_attempts:
+                to, fields = JobStatus.failed, {
+                    "error_code": "worker_lost",
+                    "error": f"the worker running this batch stopped responding {attempts} times "
+                             f"(TUNESERVE_JOB_MAX_ATTEMPTS={settings.job_max_attempts}); see the worker logs"}
+            else:
+                to, fields = JobStatus.queued, {"heartbeat_at": None, "enqueued_at": None}
+            won = batchstate.transition(session=session, batch_id=batch_id, expected=JobStatus(status), to=to,
+                                        also=unchanged, worker_id=None, **fields)
+        if won:
+            log.warning("batch %s lost its worker (last heartbeat %s); it was %s, now %s", batch_id, beat, status, to)
+            moved.append(batch_id)
+            if to in FINAL:  # it will never resume: its upload and chunks only take disk
+                shutil.rmtree(batch_dir(settings, batch_id), ignore_errors=True)
+    return moved
+
+
 def send_unsent(*, settings: Settings) -> list[str]:
-    """Send a message for every queued job / processing dataset the broker never got. The guarded
+    """Send a message for every queued job or batch / processing dataset the broker never got. The guarded
     UPDATE on ``enqueued_at`` makes exactly one reconciler send each."""
     grace = utcnow() - timedelta(seconds=SEND_GRACE_SECONDS)
     sent = []
     for table, status, enqueue in ((Job, JobStatus.queued.value, enqueue_train),
-                                   (Dataset, "processing", enqueue_ingest)):
+                                   (Dataset, "processing", enqueue_ingest),
+                                   (BatchPrediction, JobStatus.queued.value, enqueue_batch)):
         with session_scope() as session:
             ids = session.scalars(select(table.id).where(
                 table.status == status, table.enqueued_at.is_(None), table.created_at < grace)).all()
@@ -90,6 +123,7 @@ def send_unsent(*, settings: Settings) -> list[str]:
 
 def reconcile_once(*, settings: Settings) -> None:
     reap_stale_jobs(settings=settings)
+    reap_stale_batches(settings=settings)
     send_unsent(settings=settings)
 
 

@@ -4,7 +4,8 @@ from typing import Any
 
 from celery import signals
 
-from shared.celery_app import TASK_INGEST, TASK_TRAIN, get_celery
+from shared.celery_app import TASK_BATCH, TASK_INGEST, TASK_TRAIN, get_celery
+from worker.batch import run_batch
 from worker.ingest import ingest_dataset as ingest_dataset_fn
 from worker.reliability import SHUTDOWN, start_reconciler
 from worker.training.job import run_training_job
@@ -20,6 +21,11 @@ def ingest_dataset(dataset_id: str) -> None:
 @app.task(name=TASK_TRAIN, acks_late=True)
 def train(job_id: str) -> None:
     run_training_job(job_id)
+
+
+@app.task(name=TASK_BATCH, acks_late=True)
+def batch_predict(batch_id: str) -> None:
+    run_batch(batch_id)
 
 
 @signals.worker_ready.connect
