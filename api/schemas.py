@@ -1,7 +1,7 @@
 """Request and response bodies. Routes return these, never ORM rows."""
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -186,3 +186,46 @@ class PredictResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+WebhookEventType = Literal["dataset.ready", "dataset.failed", "job.succeeded", "job.failed", "job.cancelled",
+                           "batch.succeeded", "batch.failed"]
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048, description="http(s) URL the events are POSTed to")
+    secret: str = Field(min_length=16, max_length=256, description="signs every delivery; never shown again")
+    events: list[WebhookEventType] | None = Field(None, min_length=1, max_length=20, description="default: all")
+    project: str | None = Field(None, pattern=PROJECT_NAME, description="default 'default' (or ?project=)")
+
+
+class WebhookPublic(Public):
+    id: str
+    project: str
+    url: str
+    events: list[str]
+    created_at: datetime
+
+
+class WebhooksPublic(BaseModel):
+    data: list[WebhookPublic]
+    count: int
+
+
+class WebhookDeliveryPublic(BaseModel):
+    event_id: str
+    type: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    next_attempt_at: datetime | None
+
+
+class WebhookDeliveriesPublic(BaseModel):
+    data: list[WebhookDeliveryPublic]
+    count: int

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     sse_idle_seconds: float = Field(900.0, gt=0)
     # With keys set, /metrics needs an admin key unless this opens it to a scraper that cannot send one.
     metrics_open: bool = False
+    # Webhooks: hooks a project may hold; per-POST timeout; attempts before a delivery is marked failed,
+    # waiting backoff * 2^(attempt-1) (capped, with jitter) between them; how often workers look for due
+    # deliveries. Private, loopback and link-local targets are refused unless allowed (make run, tests).
+    webhook_max_per_project: int = Field(20, ge=1)
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_max_attempts: int = Field(12, ge=1)
+    webhook_backoff_seconds: float = Field(10.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(3600.0, gt=0)
+    webhook_poll_seconds: float = Field(1.0, gt=0)
+    webhook_allow_private: bool = False
 
     @field_validator("data_dir", mode="after")
     @classmethod

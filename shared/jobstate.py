@@ -7,6 +7,7 @@ from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from shared.orm import Job, utcnow
+from shared.webhooks import job_finished
 
 
 class DatasetStatus(StrEnum):
@@ -60,5 +61,7 @@ def transition(
     statement = update(Job).where(Job.id == job_id, Job.status == expected.value)
     if also is not None:
         statement = statement.where(also)
-    result = session.execute(statement.values(**values))
-    return result.rowcount == 1
+    won = session.execute(statement.values(**values)).rowcount == 1
+    if won and to in FINAL:  # the webhook event commits (or rolls back) with the change itself
+        job_finished(session=session, job_id=job_id, status=to.value)
+    return won

@@ -25,7 +25,8 @@ PG_ADMIN = os.environ.get("TUNESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:
 REDIS_URL = os.environ.get("TUNESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Every row an earlier test left, except project `default`, which always exists.
-CLEAN_SQL = ("TRUNCATE batch_predictions, job_epochs, models, jobs, datasets, api_keys CASCADE; "
+CLEAN_SQL = ("TRUNCATE webhook_deliveries, webhook_events, webhooks, batch_predictions, job_epochs, models, jobs, "
+             "datasets, api_keys CASCADE; "
              "DELETE FROM projects WHERE name <> 'default'")
 
 

@@ -51,6 +51,10 @@ def teams(make_app: Callable[..., TestClient], tmp_path) -> Iterator[Teams]:  # 
         ids = {"model": model_id, "job": job_id, "dataset": dataset_id,
                "queued_job": job_row(dataset_id, project="alpha"), "key": "", "tmp": str(tmp_path)}
         ids["key"] = client.get("/v1/keys", headers=admin).json()["data"][0]["id"]
+        hook = client.post("/v1/webhooks?project=alpha", headers=bearer(keys["alpha"]),
+                           json={"url": "https://hooks.example.com/alpha", "secret": "alpha-secret-0123456789"})
+        assert hook.status_code == 201, hook.text
+        ids["hook"] = hook.json()["id"]
         yield Teams(client=client, alpha=bearer(keys["alpha"]), beta=bearer(keys["beta"]), admin=admin, ids=ids)
 
 
@@ -101,15 +105,20 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/v1/predict"): ("/v1/predict", lambda i: {"files": image(), "data": {"project": "alpha"}}, 404),
     ("POST", "/predict"): ("/predict", lambda i: {"files": image(), "data": {"model_id": i["model"]}}, 404),
     ("GET", "/metrics"): ("/metrics", lambda i: {}, 403),
+    ("GET", "/v1/webhooks"): ("/v1/webhooks?project=alpha", lambda i: {}, 404),
+    ("POST", "/v1/webhooks"): ("/v1/webhooks", lambda i: {"json": {"url": "https://x.example.com/h", "project": "alpha",
+                                                                "secret": "0123456789abcdef"}}, 404),
+    ("DELETE", "/v1/webhooks/{hook_id}"): ("/v1/webhooks/{hook}", lambda i: {}, 404),
+    ("GET", "/v1/webhooks/{hook_id}/deliveries"): ("/v1/webhooks/{hook}/deliveries", lambda i: {}, 404),
 }
 # Routes with no team data: health for load balancers, the UI shell and the offline API docs' assets.
 UNSCOPED = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"), ("GET", "/ui/config.json"), ("GET", "/docs"),
             ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"), ("GET", "/static-docs/redoc.standalone.js")}
 # Lists that answer 200 with only the caller's rows when no ?project= is given (checked on their own below).
-LISTS = ["/v1/projects", "/v1/datasets", "/v1/jobs", "/v1/models"]
+LISTS = ["/v1/projects", "/v1/datasets", "/v1/jobs", "/v1/models", "/v1/webhooks"]
 # What the access layer answers for a row or project the caller may not see.
 ACCESS_CODES = {"project_not_found", "dataset_not_found", "job_not_found", "model_not_found", "key_not_found",
-                "forbidden"}
+                "webhook_not_found", "forbidden"}
 
 
 def all_routes() -> set[tuple[str, str]]:
@@ -152,6 +161,7 @@ def snapshot(teams: Teams) -> dict[str, Any]:
         "jobs": get("/v1/jobs?project=alpha", headers=teams.admin).json(),
         "models": get("/v1/models?project=alpha", headers=teams.admin).json(),
         "keys": [(k["id"], k["projects"]) for k in get("/v1/keys", headers=teams.admin).json()["data"]],
+        "webhooks": get("/v1/webhooks?project=alpha", headers=teams.admin).json(),
     }
 
 

@@ -14,7 +14,8 @@ from shared.migrate import downgrade, upgrade
 from shared.orm import Base
 from tests.conftest import PG_ADMIN
 
-TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "batch_predictions", "alembic_version"}
+TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "batch_predictions", "webhooks",
+          "webhook_events", "webhook_deliveries", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

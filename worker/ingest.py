@@ -19,6 +19,7 @@ from shared.db import session_scope
 from shared.orm import Dataset, utcnow
 from shared.quota import remaining_bytes
 from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, redact_paths, write_json
+from shared.webhooks import dataset_finished
 from worker.archive import ArchiveError, ArchiveReader, Member
 from worker.images import ImageRejected, decode_image
 from worker.layout import resolve_layout
@@ -49,7 +50,10 @@ def _set(dataset_id: str, **values: Any) -> bool:
             .where(Dataset.id == dataset_id, Dataset.status == "processing")
             .values(updated_at=utcnow(), **values)
         )
-        return result.rowcount == 1
+        won = result.rowcount == 1
+        if won and values.get("status") in ("ready", "failed"):  # its webhook event commits with the change
+            dataset_finished(session=session, dataset_id=dataset_id, status=values["status"])
+        return won
 
 
 def _status(dataset_id: str) -> str | None:

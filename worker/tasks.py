@@ -9,6 +9,7 @@ from worker.batch import run_batch
 from worker.ingest import ingest_dataset as ingest_dataset_fn
 from worker.reliability import SHUTDOWN, start_reconciler
 from worker.training.job import run_training_job
+from worker.webhooks import start_sender
 
 app = get_celery()
 
@@ -29,8 +30,9 @@ def batch_predict(batch_id: str) -> None:
 
 
 @signals.worker_ready.connect
-def _start_reconciler(**_: Any) -> None:
+def _start_background_threads(**_: Any) -> None:
     start_reconciler()
+    start_sender(shutdown=SHUTDOWN)
 
 
 @signals.worker_shutting_down.connect
