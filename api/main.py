@@ -10,7 +10,7 @@ from api import observability
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.guard import GuardMiddleware
 from api.predictor import Predictor
-from api.routes import datasets, events, health, jobs, keys, models, plots, predict, projects, ui, webhooks
+from api.routes import batches, datasets, events, health, jobs, keys, models, plots, predict, projects, ui, webhooks
 from api.uploads import sweep_stale
 from shared.config import get_settings
 
@@ -34,7 +34,7 @@ def create_app() -> FastAPI:
                   description="Fine-tune ImageNet ResNets on your own labelled images and serve predictions.")
     install_error_handlers(app)
     for router in (health.router, projects.router, keys.router, datasets.router, jobs.router, models.router,
-                   predict.router, events.router, plots.router, webhooks.router, observability.router):
+                   predict.router, batches.router, events.router, plots.router, webhooks.router, observability.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     ui.install_ui(app)
     app.add_middleware(GuardMiddleware)

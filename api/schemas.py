@@ -10,6 +10,7 @@ from shared.hyperparameters import Hyperparameters
 from shared.jobstate import DatasetStatus, JobStatus
 
 PROJECT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+BATCH_MAX_TOP_K = 100
 
 
 class Public(BaseModel):
@@ -181,6 +182,49 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model_id: str
     predictions: list[Prediction]
+
+
+class BatchPredictionCreate(BaseModel):
+    """The JSON form of POST /v1/batch-predictions: a ready dataset's images (an archive goes as multipart)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    project: str | None = Field(None, pattern=PROJECT_NAME, description="must be the dataset's, when given")
+    top_k: int = Field(5, ge=1, le=BATCH_MAX_TOP_K, description="clamped to the model's class count")
+    model_id: str | None = Field(None, min_length=1, max_length=64,
+                                 description="a model of the project; default: the one it serves now")
+
+
+class BatchProgress(BaseModel):
+    total: int | None = Field(description="files in the archive; null until the worker has listed them")
+    done: int = Field(description="files with a result row so far (predicted or rejected)")
+    rejected: int = Field(description="files that could not be predicted; their rows say why")
+
+
+class BatchPredictionPublic(Public):
+    id: str
+    project: str
+    status: JobStatus
+    source: Literal["archive", "dataset"]
+    dataset_id: str | None
+    filename: str | None
+    size_bytes: int
+    model_id: str
+    top_k: int
+    progress: BatchProgress
+    error: str | None
+    error_code: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class BatchPredictionsPublic(BaseModel):
+    data: list[BatchPredictionPublic]
+    count: int
 
 
 class Health(BaseModel):

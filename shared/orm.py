@@ -179,6 +179,10 @@ class BatchPrediction(Base):
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
+    @property
+    def progress(self) -> dict[str, int | None]:
+        return {"total": self.total, "done": self.done, "rejected": self.rejected}
+
 
 class Webhook(Base):
     """A URL that gets a signed POST when a resource of its project reaches a final state."""
