@@ -3,10 +3,15 @@
 State that lives in the database (jobs by state, queue depth, training speed, the model in service) is
 read at scrape time, so every API replica reports the same truth without the workers pushing anything.
 The predictor reports its own timings through ``observe_predict_batch``.
+
+With several API processes (``tuneserve api --workers N``) counters and histograms live in
+prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the CLI), so whichever process
+answers a scrape reports the sum over all of them. Every answer names its process in ``X-Tuneserve-Process``.
 """
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -24,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -101,7 +107,21 @@ class DatabaseCollector(Collector):
         yield model
 
 
-REGISTRY.register(DatabaseCollector())
+DATABASE_COLLECTOR = DatabaseCollector()
+REGISTRY.register(DATABASE_COLLECTOR)
+# Which API process answered: tells replicas of `--workers N` apart (tests, load balancer debugging).
+PROCESS_HEADER = (b"x-tuneserve-process", str(os.getpid()).encode())
+
+
+def scrape_registry() -> CollectorRegistry:
+    """This process's registry, or with several API processes one that sums every process's files."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(DATABASE_COLLECTOR)
+    return registry
+
 
 router = APIRouter(tags=["health"])
 
@@ -111,7 +131,7 @@ router = APIRouter(tags=["health"])
 def metrics(request: Request, settings: SettingsDep) -> Response:
     if not settings.metrics_open:
         require_admin(get_principal(request, settings))
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
 class ObservabilityMiddleware:
@@ -137,7 +157,8 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode()),
+                                      PROCESS_HEADER]
             await send(message)
 
         try:

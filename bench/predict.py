@@ -1,13 +1,15 @@
-"""Benchmark POST /predict over real HTTP: micro-batching on vs off, side by side in one run.
+"""Benchmark POST /predict over real HTTP: micro-batching on vs off, or 1 vs N API processes, side by side.
 
 Starts the real API (`tuneserve api`, a subprocess, embedded SQLite) serving a freshly initialised model
 artifact (weights do not change the cost of a forward pass), then fires single-image JPEG requests from
-client threads (httpx, keep-alive) at each concurrency for a fixed time, once with micro-batching on
-(``predict_max_batch`` = --max-batch) and once off (``predict_max_batch`` = 1). Mean batch size comes from
-the server's own /metrics. The client threads share the machine with the server: on a small box they
-cost part of what is measured, the same for both modes.
+client threads (httpx, keep-alive) at each concurrency for a fixed time against each mode: with one
+--workers value, micro-batching on (``predict_max_batch`` = --max-batch) vs off (``predict_max_batch`` = 1);
+with several (``--workers 1,2``), `tuneserve api --workers N` for each N, batching on. Mean batch size comes
+from the server's own /metrics (summed over its processes). The client threads share the machine with the
+server: on a small box they cost part of what is measured, the same for every mode.
 
     python bench/predict.py                                   # resnet50, 64 px, CPU, ~3 minutes
+    python bench/predict.py --workers 1,2 --concurrency 16,64  # API processes (docs/predict-scaling.md)
     python bench/predict.py --image-size 224 --device cuda --seconds 10
 """
 
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=32, help="predict_max_batch when batching is on")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--workers", default="1", help="API processes; several (1,2) compare them, batching on")
     parser.add_argument("--step", default="", help="bench/gpu.sh step name: record each level under it")
     return parser.parse_args()
 
@@ -100,11 +103,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_api(env: dict[str, str], log: Path, workers: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port), "--log-level",
-                                 "warning"], env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+                                 "warning", "--workers", str(workers)], env=env, cwd=REPO_ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -179,10 +183,18 @@ def summarise(parts: list[dict]) -> dict[str, float]:
             "batch": sum(p["images"] for p in parts) / max(sum(p["passes"] for p in parts), 1)}
 
 
+def modes_of(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """Mode name -> (predict_max_batch, API processes), in the order of the table's columns."""
+    workers = [int(w) for w in args.workers.split(",")]
+    if len(workers) == 1:
+        return {"batching off": (1, workers[0]), "batching on": (args.max_batch, workers[0])}
+    return {f"{w} process{'es' if w > 1 else ''}": (args.max_batch, w) for w in workers}
+
+
 def main() -> int:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-predict-"))
-    for key in ("TUNESERVE_DATABASE_URL", "TUNESERVE_BROKER_URL", "TUNESERVE_API_KEYS"):
+    for key in ("TUNESERVE_DATABASE_URL", "TUNESERVE_BROKER_URL", "TUNESERVE_API_KEYS", "TUNESERVE_API_WORKERS"):
         os.environ.pop(key, None)  # embedded SQLite in a fresh DATA_DIR, open API
     os.environ.update(TUNESERVE_DATA_DIR=str(work / "data"), TUNESERVE_DEVICE=args.device,
                       TUNESERVE_PREDICT_MAX_WAIT_MS=str(args.max_wait_ms))
@@ -195,47 +207,57 @@ def main() -> int:
     print(f"model {model_id}: {args.base_model} at {args.image_size} px, {args.classes} classes, device "
           f"{args.device}; JPEG bodies ~{sum(map(len, bodies)) // len(bodies) // 1024} KiB; {os.cpu_count()} CPUs; "
           f"{args.seconds:g} s per level", flush=True)
+    modes = modes_of(args)
     servers = {}
     try:
-        for mode, max_batch in (("on", args.max_batch), ("off", 1)):
-            servers[mode] = start_api({**env, "TUNESERVE_PREDICT_MAX_BATCH": str(max_batch)}, work / f"api-{mode}.log")
-        for _, url in servers.values():
-            run_level(url, bodies, 4, 3.0)  # load the model, warm kernels and connections
-        on, off = {}, {}
+        for i, (mode, (max_batch, workers)) in enumerate(modes.items()):
+            servers[mode] = start_api({**env, "TUNESERVE_PREDICT_MAX_BATCH": str(max_batch)}, work / f"api-{i}.log",
+                                      workers)
+        for mode, (_, url) in servers.items():  # load the model in each process, warm kernels and connections
+            run_level(url, bodies, 4 * modes[mode][1], 3.0)
+        rows: dict[str, dict[int, dict[str, float]]] = {mode: {} for mode in modes}
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            parts: dict[str, list[dict]] = {"on": [], "off": []}
-            # Alternate short rounds so drift in a shared machine's load hits both modes alike.
+            parts: dict[str, list[dict]] = {mode: [] for mode in modes}
+            # Alternate short rounds so drift in a shared machine's load hits every mode alike.
             for round_ in range(args.rounds):
-                for mode in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+                for mode in list(modes) if round_ % 2 == 0 else list(modes)[::-1]:
                     parts[mode].append(measure(servers[mode][1], bodies, concurrency, args.seconds / args.rounds))
-            on[concurrency], off[concurrency] = summarise(parts["on"]), summarise(parts["off"])
-            for mode, row in (("on", on[concurrency]), ("off", off[concurrency])):
-                print(f"  batching {mode:<3} c={concurrency:<3} {row['rps']:7.1f} img/s  p50 {row['p50']:7.1f} ms  "
+            for mode in modes:
+                row = rows[mode][concurrency] = summarise(parts[mode])
+                print(f"  {mode:<13} c={concurrency:<3} {row['rps']:7.1f} img/s  p50 {row['p50']:7.1f} ms  "
                       f"p99 {row['p99']:7.1f} ms  mean batch {row['batch']:.1f}", flush=True)
                 if args.step:
-                    target = {"target": 3000} if mode == "on" and args.device == "cuda" else {}
-                    emit(args.step, f"/predict HTTP c={concurrency}, batching {mode}", row["rps"],
+                    headline = mode == list(modes)[-1] and args.device == "cuda"
+                    emit(args.step, f"/predict HTTP c={concurrency}, {mode}", row["rps"],
                          p50_ms=round(row["p50"], 1), p99_ms=round(row["p99"], 1), errors=row["errors"],
-                         mean_batch=round(row["batch"], 1), **target)
+                         mean_batch=round(row["batch"], 1), **({"target": 3000} if headline else {}))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
-            proc.wait(timeout=30)
-
-    print("\n| concurrency | batching off img/s | on img/s | speed-up | off p50 / p99 ms | on p50 / p99 ms "
-          "| on mean batch | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for concurrency in on:
-        a, b = off[concurrency], on[concurrency]
-        print(f"| {concurrency} | {a['rps']:.1f} | {b['rps']:.1f} | {b['rps'] / a['rps']:.2f}x "
-              f"| {a['p50']:.1f} / {a['p99']:.1f} | {b['p50']:.1f} / {b['p99']:.1f} | {b['batch']:.1f} "
-              f"| {int(a['errors'] + b['errors'])} |")
-    first = min(on)
-    print(f"\np50 at c={first}: batching on is {on[first]['p50'] / off[first]['p50'] - 1:+.1%} vs off "
-          f"(target: at most +10%)")
-    if 16 in on:
-        print(f"throughput at c=16: {on[16]['rps'] / off[16]['rps']:.2f}x with batching (target: at least 2x)")
+            proc.wait(timeout=60)
+    print_table(rows)
     return 0
+
+
+def print_table(rows: dict[str, dict[int, dict[str, float]]]) -> None:
+    """img/s, p50/p99 and mean batch per mode at each concurrency; the last mode against the first."""
+    first, last = list(rows)[0], list(rows)[-1]
+    print("\n| concurrency | " + " | ".join(f"{m} img/s | {m} p50 / p99 ms | {m} mean batch" for m in rows)
+          + f" | {last} vs {first} | errors |")
+    print("|---" * (3 * len(rows) + 3) + "|")
+    for concurrency in rows[first]:
+        cells = [f"{r[concurrency]['rps']:.1f} | {r[concurrency]['p50']:.1f} / {r[concurrency]['p99']:.1f} "
+                 f"| {r[concurrency]['batch']:.1f}" for r in rows.values()]
+        ratio = rows[last][concurrency]["rps"] / rows[first][concurrency]["rps"]
+        errors = int(sum(r[concurrency]["errors"] for r in rows.values()))
+        print(f"| {concurrency} | " + " | ".join(cells) + f" | {ratio:.2f}x | {errors} |")
+    if first == "batching off":
+        low = min(rows[first])
+        print(f"\np50 at c={low}: batching on is {rows[last][low]['p50'] / rows[first][low]['p50'] - 1:+.1%} vs off "
+              f"(target: at most +10%)")
+        if 16 in rows[first]:
+            print(f"throughput at c=16: {rows[last][16]['rps'] / rows[first][16]['rps']:.2f}x with batching "
+                  "(target: at least 2x)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Server verbs: migrate, api, worker, dev."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import Annotated
 
 import typer
@@ -21,16 +23,28 @@ def migrate() -> None:
     upgrade()
 
 
-def _serve(host: str, port: int, log_level: str) -> None:
+def _serve(host: str, port: int, log_level: str, workers: int = 1) -> None:
     import uvicorn
 
     settings = get_settings()
-    # The API logs JSON lines itself (one per request), so uvicorn's access log and log config stay off.
-    # Past limit_concurrency connections uvicorn answers 503 instead of queueing without bound; idle
-    # keep-alive connections and half-sent request heads are dropped rather than held.
-    uvicorn.run("api.main:app", host=host, port=port, log_level=log_level, proxy_headers=True, log_config=None,
-                access_log=False, limit_concurrency=settings.http_max_connections, timeout_keep_alive=15,
-                h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=30)
+    metrics_dir = None
+    if workers > 1:
+        # Each worker process reads these when it starts: the split of the API-wide caps, and where
+        # prometheus_client keeps its counters so that any process's /metrics reports all of them.
+        metrics_dir = tempfile.mkdtemp(prefix="tuneserve-metrics-")
+        os.environ.update(TUNESERVE_API_WORKERS=str(workers), PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    try:
+        # The API logs JSON lines itself (one per request), so uvicorn's access log and log config stay off.
+        # Past limit_concurrency connections uvicorn answers 503 instead of queueing without bound; idle
+        # keep-alive connections and half-sent request heads are dropped rather than held. A worker busy with
+        # inference on a loaded machine may take seconds to answer the supervisor's ping: it is not hung.
+        uvicorn.run("api.main:app", host=host, port=port, log_level=log_level, proxy_headers=True, log_config=None,
+                    access_log=False, limit_concurrency=settings.http_max_connections, timeout_keep_alive=15,
+                    h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=30, workers=workers,
+                    timeout_worker_healthcheck=30)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 Host = Annotated[str, typer.Option("--host", help="interface to listen on")]
@@ -38,10 +52,14 @@ Port = Annotated[int, typer.Option("--port", help="TCP port")]
 LogLevel = Annotated[str, typer.Option("--log-level", help="uvicorn log level")]
 
 
+Workers = Annotated[int, typer.Option("--workers", envvar="TUNESERVE_API_WORKERS", min=1, max=64,
+                                       help="API processes, each with its own predictor on the same device")]
+
+
 @app.command()
-def api(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
+def api(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info", workers: Workers = 1) -> None:
     """Serve the HTTP API."""
-    _serve(host, port, log_level)
+    _serve(host, port, log_level, workers)
 
 
 @app.command()

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # lease (heartbeat) is what stops a second worker from running a job that is still training.
     visibility_timeout_seconds: int = Field(12 * 3600, gt=0)
     cors_origins: str = ""
+    # API processes `tuneserve api` runs (uvicorn workers), each with its own predictor. Per-process caps
+    # that are meant for the whole API (event streams) are split between them.
+    api_workers: int = Field(1, ge=1, le=64)
     # Connections one API process holds at once (503 past it), and server-sent event streams.
     http_max_connections: int = Field(1000, ge=10)
     sse_max_streams: int = Field(200, ge=1)

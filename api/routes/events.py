@@ -80,18 +80,23 @@ def _frame(event_id: int, event: str, data: dict[str, Any]) -> str:
 
 
 class StreamSlots:
-    """Open event streams, in all and per principal. Only the event loop touches it: no lock needed."""
+    """Open event streams, in all and per principal. Only the event loop touches it: no lock needed.
+
+    The caps are for the whole API: with several API processes each holds its share (rounded up), so N
+    processes together never hold more than the caps plus N - 1."""
 
     def __init__(self) -> None:
         self.total = 0
         self.by_principal: Counter[str] = Counter()
 
     def take(self, principal: Principal, settings: Settings) -> None:
-        per_key = settings.sse_max_streams_per_key
-        if self.total >= settings.sse_max_streams or self.by_principal[principal.id] >= per_key:
+        per_key, total = settings.sse_max_streams_per_key, settings.sse_max_streams
+        share = settings.api_workers
+        if self.total >= -(-total // share) or self.by_principal[principal.id] >= -(-per_key // share):
+            split = f" (split between {share} API processes)" if share > 1 else ""
             raise ApiError(429, "too_many_streams", f"at most {per_key} event streams per key and "
-                           f"{settings.sse_max_streams} in all are open at once; close one or poll "
-                           "GET /v1/jobs/{id}", headers={"Retry-After": "10"})
+                           f"{total} in all are open at once{split}; close one or poll GET /v1/jobs/{{id}}",
+                           headers={"Retry-After": "10"})
         self.total += 1
         self.by_principal[principal.id] += 1
 
