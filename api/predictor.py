@@ -52,8 +52,13 @@ class LoadedModel:
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
+    @property
+    def temperature(self) -> float:
+        """Fitted on the validation split at the end of training; models trained before that have none (1)."""
+        return float(self.meta.get("temperature", 1.0))
+
     def forward(self, batch: Any, *, chunk: int) -> Any:
-        """Softmax probabilities (CPU float, N x classes) for a uint8 NCHW batch of eval crops.
+        """Calibrated softmax probabilities (CPU float, N x classes) for a uint8 NCHW batch of eval crops.
 
         ``eval_transform`` is ``normalize_batch(eval_uint8(image))``: requests ran ``eval_uint8``, this
         runs ``normalize_batch`` on the device, so uint8 (4x fewer bytes) is what crosses to the GPU.
@@ -71,7 +76,7 @@ class LoadedModel:
                 x = normalize_batch(part.to(self.device, non_blocking=True), tuple(self.meta["mean"]),
                                     tuple(self.meta["std"]))
                 logits = self.model(x.contiguous(memory_format=torch.channels_last))
-                outputs.append(torch.softmax(logits.float(), dim=1))
+                outputs.append(torch.softmax(logits.float() / self.temperature, dim=1))
         return torch.cat(outputs).cpu()
 
 

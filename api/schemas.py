@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from shared.apikeys import Role
 from shared.hyperparameters import Hyperparameters
@@ -98,7 +98,23 @@ class ModelPublic(Public):
     metrics: dict[str, Any]
     pinned: bool
     serving: bool = False
+    min_score: float = Field(description="predictions whose calibrated top score is under this get label null")
+    class_min_scores: dict[str, float] | None = Field(description="per-label thresholds that override min_score")
     created_at: datetime
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by it before the softmax (fitted on the validation split; 1 for older models)."""
+        return float((self.metrics.get("calibration") or {}).get("temperature", 1.0))
+
+
+class ModelUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_score: float | None = Field(None, ge=0, le=1, description="abstain under this calibrated top score")
+    class_min_scores: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        None, description="per-label thresholds (labels must be the model's classes); null clears them")
 
 
 class ModelsPublic(BaseModel):
@@ -176,6 +192,8 @@ class Score(BaseModel):
 
 class Prediction(BaseModel):
     filename: str
+    label: str | None = Field(description="the top label, or null when its calibrated score is under the "
+                                          "threshold (the model's min_score or the request's)")
     top: list[Score]
 
 

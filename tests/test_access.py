@@ -62,6 +62,14 @@ def image() -> dict[str, Any]:
     return {"file": ("a.jpg", jpeg_bytes(make_image("red", random.Random(0), 32)), "image/jpeg")}
 
 
+def oip_image() -> dict[str, Any]:
+    """An Open Inference Protocol request with one JPEG (BYTES, base64 in JSON)."""
+    import base64
+
+    data = base64.b64encode(jpeg_bytes(make_image("red", random.Random(0), 32))).decode()
+    return {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [data]}]}
+
+
 def archive(ids: dict[str, str]) -> dict[str, Any]:
     from pathlib import Path
 
@@ -96,6 +104,7 @@ CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/v1/models/{model_id}"): ("/v1/models/{model}", lambda i: {}, 404),
     ("DELETE", "/v1/models/{model_id}"): ("/v1/models/{model}?force=true", lambda i: {}, 404),
     ("POST", "/v1/models/{model_id}/promote"): ("/v1/models/{model}/promote", lambda i: {}, 404),
+    ("PATCH", "/v1/models/{model_id}"): ("/v1/models/{model}", lambda i: {"json": {"min_score": 0.9}}, 404),
     ("DELETE", "/v1/models/pin"): ("/v1/models/pin?project=alpha", lambda i: {}, 404),
     ("GET", "/v1/models/{model_id}/artifact"): ("/v1/models/{model}/artifact", lambda i: {}, 404),
     ("GET", "/v1/models/{model_id}/plots/confusion.png"): ("/v1/models/{model}/plots/confusion.png",
@@ -105,6 +114,14 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/v1/predict"): ("/v1/predict", lambda i: {"files": image(), "data": {"project": "alpha"}}, 404),
     ("POST", "/predict"): ("/predict", lambda i: {"files": image(), "data": {"model_id": i["model"]}}, 404),
     ("GET", "/metrics"): ("/metrics", lambda i: {}, 403),
+    ("GET", "/v2/models/{name}"): ("/v2/models/alpha", lambda i: {}, 404),
+    ("GET", "/v2/models/{name}/ready"): ("/v2/models/alpha/ready", lambda i: {}, 404),
+    ("GET", "/v2/models/{name}/versions/{version}"): ("/v2/models/alpha/versions/{model}", lambda i: {}, 404),
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): ("/v2/models/alpha/versions/{model}/ready",
+                                                            lambda i: {}, 404),
+    ("POST", "/v2/models/{name}/infer"): ("/v2/models/alpha/infer", lambda i: {"json": oip_image()}, 404),
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): ("/v2/models/alpha/versions/{model}/infer",
+                                                             lambda i: {"json": oip_image()}, 404),
     ("GET", "/v1/webhooks"): ("/v1/webhooks?project=alpha", lambda i: {}, 404),
     ("POST", "/v1/webhooks"): ("/v1/webhooks", lambda i: {"json": {"url": "https://x.example.com/h", "project": "alpha",
                                                                 "secret": "0123456789abcdef"}}, 404),
@@ -113,7 +130,8 @@ CALLS: dict[tuple[str, str], Call] = {
 }
 # Routes with no team data: health for load balancers, the UI shell and the offline API docs' assets.
 UNSCOPED = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"), ("GET", "/ui/config.json"), ("GET", "/docs"),
-            ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"), ("GET", "/static-docs/redoc.standalone.js")}
+            ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"), ("GET", "/static-docs/redoc.standalone.js"),
+            ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
 # Lists that answer 200 with only the caller's rows when no ?project= is given (checked on their own below).
 LISTS = ["/v1/projects", "/v1/datasets", "/v1/jobs", "/v1/models", "/v1/webhooks"]
 # What the access layer answers for a row or project the caller may not see.

@@ -4,7 +4,7 @@ from fastapi.responses import FileResponse
 from api.auth import PrincipalDep
 from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.predictor import PredictorDep
-from api.schemas import ModelPublic, ModelsPublic
+from api.schemas import ModelPublic, ModelsPublic, ModelUpdate
 from api.services import artifacts, models, project_or_404
 from api.services.artifacts import ArtifactFormat
 from shared.orm import DEFAULT_PROJECT, Model
@@ -30,6 +30,13 @@ def list_models(session: SessionDep, principal: PrincipalDep, page: PageDep, pro
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> ModelPublic:
     model = models.get(session=session, model_id=model_id, principal=principal)
+    return to_public(model, models.serving_ids(session=session, models=[model]))
+
+
+@router.patch("/{model_id}", response_model=ModelPublic)
+def update_model(model_id: str, body: ModelUpdate, session: SessionDep, principal: PrincipalDep) -> ModelPublic:
+    """Set the abstain threshold (``min_score``, and per-class ``class_min_scores``) used by /predict."""
+    model = models.set_thresholds(session=session, model_id=model_id, body=body, principal=principal)
     return to_public(model, models.serving_ids(session=session, models=[model]))
 
 

@@ -34,6 +34,23 @@ def _top_k(raw: str | None) -> int:
     return value
 
 
+def _min_score(raw: str | None) -> float:
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", f"min_score: must be a number from 0 to 1, got '{raw[:20]}'") from exc
+    if not 0 <= value <= 1:  # also refuses nan
+        raise ApiError(422, "validation_error", f"min_score: must be from 0 to 1, got {value}")
+    return value
+
+
+def label_for(top: Score, *, min_score: float, class_min_scores: dict[str, float]) -> str | None:
+    """The top label, or None (abstain) when its calibrated score is under its class's threshold or the global one."""
+    return None if top.score < max(min_score, class_min_scores.get(top.label, 0.0)) else top.label
+
+
 def _model_for(*, predictor: Predictor, session: Session, principal: Principal, project: str | None,
                wanted: str | None) -> LoadedModel:
     """``wanted`` if given (in ``project`` when one is named), else what the project serves."""
@@ -52,11 +69,13 @@ def _model_for(*, predictor: Predictor, session: Session, principal: Principal, 
 
 
 def _prepare(*, predictor: Predictor, session: Session, principal: Principal, project: str | None,
-             wanted: str | None, files: list[tuple[str, Path]], settings: Settings) -> tuple[LoadedModel, Any]:
-    """The model, then the images cropped as it needs them: one trip to the threadpool per request."""
+             wanted: str | None, files: list[tuple[str, Path]], settings: Settings
+             ) -> tuple[LoadedModel, tuple[float, dict[str, float]], Any]:
+    """The model, its thresholds, then the images cropped as it needs them: one trip to the threadpool."""
     loaded = _model_for(predictor=predictor, session=session, principal=principal, project=project, wanted=wanted)
+    thresholds = models.thresholds(session=session, model_id=loaded.model_id)
     # JPEGs decode no larger than the dataset cache the model was trained from (its eval images).
-    return loaded, prepare_images(files, image_size=loaded.image_size, max_pixels=settings.max_image_pixels,
+    return loaded, thresholds, prepare_images(files, image_size=loaded.image_size, max_pixels=settings.max_image_pixels,
                                   max_request_pixels=settings.predict_max_request_megapixels * 10**6,
                                   draft_side=settings.cache_size)
 
@@ -65,6 +84,8 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "top_k": {"type": "integer", "minimum": 1}, "model_id": {"type": "string"},
+        "min_score": {"type": "number", "minimum": 0, "maximum": 1,
+                      "description": "label is null when the calibrated top score is under this"},
         "project": {"type": "string", "description": "whose model serves the request (default 'default')"}}}}}}}
 
 
@@ -103,13 +124,14 @@ async def _predict(*, request: Request, session: Session, settings: Settings, pr
             if not files:
                 raise ApiError(422, "file_required", "send one or more images in the multipart field 'file'")
             top_k = _top_k(form.fields.get("top_k", request.query_params.get("top_k")))
+            min_score = _min_score(form.fields.get("min_score", request.query_params.get("min_score")))
             wanted = form.fields.get("model_id") or request.query_params.get("model_id")
             if project is None:
                 project = form.fields.get("project") or request.query_params.get("project")
             named = [(f.filename or f"file{i}", f.path) for i, f in enumerate(files)]
-            loaded, inputs = await run_in_threadpool(_prepare, predictor=predictor, session=session,
-                                                     principal=principal, project=project, wanted=wanted,
-                                                     files=named, settings=settings)
+            loaded, (model_min, class_min), inputs = await run_in_threadpool(
+                _prepare, predictor=predictor, session=session, principal=principal, project=project, wanted=wanted,
+                files=named, settings=settings)
         finally:
             form.cleanup()
         future = ticket.submit(loaded, inputs)
@@ -118,8 +140,10 @@ async def _predict(*, request: Request, session: Session, settings: Settings, pr
     except Exception as exc:
         raise ApiError(503, "inference_failed", f"inference failed ({type(exc).__name__}); retry shortly") from exc
     scores, indices = probs.topk(min(top_k, len(loaded.classes)), dim=1)
+    tops = [[Score(label=loaded.classes[i], score=s) for s, i in zip(row_s, row_i, strict=True)]
+            for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)]
+    floor = max(min_score, model_min)
     return PredictResponse(model_id=loaded.model_id, predictions=[
-        Prediction(filename=f.filename, top=[Score(label=loaded.classes[i], score=s)
-                                             for s, i in zip(row_s, row_i, strict=True)])
-        for f, row_s, row_i in zip(files, scores.tolist(), indices.tolist(), strict=True)
+        Prediction(filename=f.filename, label=label_for(top[0], min_score=floor, class_min_scores=class_min), top=top)
+        for f, top in zip(files, tops, strict=True)
     ])

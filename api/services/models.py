@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import Principal
 from api.errors import ApiError
+from api.schemas import ModelUpdate
 from api.services import get_or_404, scoped
 from shared.config import Settings
 from shared.orm import Model
@@ -46,6 +47,32 @@ def promote(*, session: Session, model_id: str, principal: Principal) -> Model:
     model.pinned = True
     session.commit()
     return model
+
+
+def set_thresholds(*, session: Session, model_id: str, body: ModelUpdate, principal: Principal) -> Model:
+    """Set the abstain thresholds; fields left out of the body keep their value."""
+    model = get(session=session, model_id=model_id, principal=principal)
+    fields = body.model_fields_set
+    if "min_score" in fields:
+        if body.min_score is None:
+            raise ApiError(422, "validation_error", "min_score: must be a number from 0 to 1 (0: never abstain)")
+        model.min_score = body.min_score
+    if "class_min_scores" in fields:
+        unknown = sorted(set(body.class_min_scores or {}) - set(model.classes))
+        if unknown:
+            raise ApiError(422, "unknown_class", f"class_min_scores: {unknown[:5]} are not classes of model "
+                           f"{model_id} (it has {model.classes[:10]})")
+        model.class_min_scores = body.class_min_scores or None
+    session.commit()
+    return model
+
+
+def thresholds(*, session: Session, model_id: str) -> tuple[float, dict[str, float]]:
+    """(min_score, per-class overrides) of a model, read on every prediction so a PATCH reaches every process."""
+    row = session.execute(select(Model.min_score, Model.class_min_scores).where(Model.id == model_id)).one_or_none()
+    if row is None:
+        return 0.0, {}
+    return float(row.min_score), dict(row.class_min_scores or {})
 
 
 def unpin(*, session: Session, project: str) -> None:
