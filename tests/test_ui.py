@@ -86,6 +86,13 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
     page.wait_for_selector("#confusion img")
     page.wait_for_function("document.querySelector('#confusion img').naturalWidth > 0")
     assert page.locator("#per-class tr").count() == 1 + len(CLASSES)
+    with service.client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        shown_model = client.get(f"/v1/models/{page.url.rsplit('/', 1)[1]}").json()
+    assert page.inner_text("#temperature") == f"{shown_model['temperature']:.2f}"
+    assert page.inner_text("#ece-after") == f"{shown_model['metrics']['calibration']['ece_after']:.3f}"
+    page.fill("#min-score", "0")  # abstain stays off, so the prediction below keeps its label
+    page.click("#save-min-score")
+    page.wait_for_selector("#toast:text('abstains under 0')")
     page.click("#promote")
     page.wait_for_selector("#promote:disabled:text('Pinned')")
     page.screenshot(path=str(ARTIFACTS / "model-page.png"), full_page=True)

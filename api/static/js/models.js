@@ -52,6 +52,16 @@ export async function modelPage(view, { id }) {
   const state = h("span", { id: "serving" }, model.serving ? badge("serving") : "", model.pinned ? " pinned" : "");
   const confusion = h("div", { id: "confusion" }, h("p", { class: "muted" }, test.confusion_matrix ? "drawing…" : "No test split, so no confusion matrix."));
   const mistakes = test.misclassified || [];
+  const calibration = (model.metrics || {}).calibration || {};
+  const threshold = h("input", { id: "min-score", type: "number", min: 0, max: 1, step: 0.01, value: model.min_score, style: "width:6em" });
+  const saveThreshold = h("button", { id: "save-min-score", onclick: async () => {
+    try {
+      const saved = await api(`/v1/models/${id}`, { method: "PATCH", json: { min_score: Number(threshold.value) } });
+      threshold.value = saved.min_score;
+      toast(`model ${short(id)} abstains under ${saved.min_score}`);
+    } catch (error) { toast(error.message); }
+  } }, "Save");
+  const perClassThresholds = Object.entries(model.class_min_scores || {}).map(([c, v]) => `${c} ${num(v, 2)}`).join(", ");
   view.append(
     h("h1", {}, `Model ${short(id)} `, state),
     h("div", { class: "card" }, h("div", { class: "row" },
@@ -62,6 +72,14 @@ export async function modelPage(view, { id }) {
     h("p", {}, `Test accuracy `, h("b", { id: "test-accuracy" }, pct(test.accuracy)),
       test.top5_accuracy !== undefined ? ` · top-5 ${pct(test.top5_accuracy)}` : "",
       ` · macro F1 ${num(test.macro_f1)} · ECE ${num(test.ece)} · ${test.samples ?? 0} test images`)),
+    h("div", { class: "card", id: "calibration" }, h("h2", {}, "Calibration and abstain"),
+      h("p", {}, "Temperature ", h("b", { id: "temperature" }, num(model.temperature, 2)),
+        calibration.ece_before !== undefined
+          ? [" · test ECE ", h("b", { id: "ece-before" }, num(calibration.ece_before)), " before → ",
+            h("b", { id: "ece-after" }, num(calibration.ece_after)), ` after (fitted on ${calibration.fitted_on} validation images)`]
+          : h("span", { class: "muted" }, " · not calibrated (trained before temperature scaling): scores are the raw softmax")),
+      h("div", { class: "row" }, h("label", { class: "field" }, "abstain (label null) under score", threshold), saveThreshold,
+        perClassThresholds ? h("span", { class: "muted" }, ` per class: ${perClassThresholds}`) : "")),
     h("div", { class: "grid" },
       h("div", { class: "card" }, h("h2", {}, "Per class (test split)"), perClass.length ? h("table", { id: "per-class" },
         h("tr", {}, ["class", "precision", "recall", "F1", "support"].map((t) => h("th", { class: t === "class" ? "" : "num" }, t))),
@@ -101,7 +119,7 @@ export async function predictPage(view) {
       const body = await api(`/v1/projects/${project.path()}/predict`, { method: "POST", form });
       fill(results, ...body.predictions.map((p, i) => h("div", { class: "card prediction", "data-label": p.top[0].label },
         h("div", { class: "row" }, h("img", { class: "preview", src: URL.createObjectURL(files[i]), alt: p.filename }),
-          h("div", { style: "flex:1" }, h("h2", {}, p.filename, " → ", h("span", { class: "top-label" }, p.top[0].label)),
+          h("div", { style: "flex:1" }, h("h2", {}, p.filename, " → ", h("span", { class: "top-label" }, p.label ?? "abstains (under the threshold)")),
             hbars(p.top.map((s) => [s.label, s.score, pct(s.score)]), { max: 1 }))))));
     } catch (error) {
       fill(results, h("div", { class: "error" }, error.message));
