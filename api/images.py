@@ -9,12 +9,14 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.errors import ApiError
+from shared.config import get_settings
 from shared.images import IMAGE_FORMATS, to_rgb
 
 # Wider than this and the eval resize (shorter side -> ~1.14 x image_size) would allocate a huge strip.
 MAX_ASPECT_RATIO = 100
-# Decoding is CPU-bound: more concurrent decodes than cores only multiplies the memory they hold.
-DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+# Decoding is CPU-bound: more concurrent decodes than cores only multiplies the memory they hold. The
+# API's processes (TUNESERVE_API_WORKERS) share the cores, so each takes its part.
+DECODE_SLOTS = threading.BoundedSemaphore(max(2, (os.cpu_count() or 2) // get_settings().api_workers))
 
 
 def open_upload(path: Path, filename: str, *, max_pixels: int, draft_side: int) -> Image.Image:

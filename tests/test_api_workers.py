@@ -8,18 +8,22 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from api.auth import OPEN
 from api.errors import ApiError
 from api.routes.events import StreamSlots
 from shared.config import Settings
-from tests.conftest import Service, wait_for
+from tests.compose_files import env_of, interpolate
+from tests.conftest import REPO_ROOT, Service, wait_for
 from tests.model_rows import publish_model
 from tests.predict_load import Answer, PredictLoad
 from tests.synthetic import jpeg_bytes, make_image
@@ -124,3 +128,23 @@ def test_event_stream_caps_are_split_between_api_processes():
     assert (refused.value.status_code, refused.value.code) == (429, "too_many_streams")
     assert "split between 2 API processes" in refused.value.detail
     assert (slots.total, slots.by_principal[OPEN.id]) == (2, 2)
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.cpu.yml"])
+def test_compose_hands_tuneserve_api_workers_to_the_api_only(name: str):
+    compose = yaml.safe_load((REPO_ROOT / name).read_text())
+    default = interpolate(compose, {})["services"]
+    chosen = interpolate(compose, {"TUNESERVE_API_WORKERS": "4"})["services"]
+    assert (env_of(default["api"])["TUNESERVE_API_WORKERS"], env_of(chosen["api"])["TUNESERVE_API_WORKERS"]) == (
+        "1", "4")
+    assert env_of(default["api"])["TUNESERVE_DATABASE_URL"] == env_of(default["worker"])["TUNESERVE_DATABASE_URL"]
+    assert "TUNESERVE_API_WORKERS" not in env_of(default["worker"])
+
+
+@pytest.mark.parametrize("workers", ["0", "65"])
+def test_api_refuses_a_worker_count_out_of_range_before_starting(workers: str, tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "api", "--workers", workers], cwd=REPO_ROOT,
+                            env={**os.environ, "TUNESERVE_DATA_DIR": str(tmp_path)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "--workers" in result.stderr and "Invalid value" in result.stderr
