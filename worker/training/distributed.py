@@ -178,10 +178,10 @@ def _rank_main(rank_id: int, world: int, port: int, job: dict[str, Any], events:
                      splits=job["splits"], device=device, work_dir=work_dir, weights_dir=job["weights_dir"],
                      reporter=RankReporter(events, stop), compile_model=job["compile_model"])
         if rank_id == 0:
-            from worker.training.engine import save_checkpoint
+            from worker.training.checkpoint import save_checkpoint
             save_checkpoint(work_dir / RESULT, {
                 "model": result.model.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
-                "stopped": result.stopped, "val": result.val, "test": result.test,
+                "stopped": result.stopped, "hp": result.hp.model_dump(), "val": result.val, "test": result.test,
                 "calibration": result.calibration})
     finally:
         dist.destroy_process_group()
@@ -205,7 +205,8 @@ def fit_distributed(
 ) -> Any:
     """``fit`` over ``world`` spawned ranks; returns rank 0's FitResult. A failed rank fails the job
     (its traceback in the exception) and the others are stopped."""
-    from worker.training.engine import FitResult, load_checkpoint
+    from worker.training.checkpoint import load_checkpoint
+    from worker.training.engine import FitResult
 
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
@@ -225,4 +226,5 @@ def fit_distributed(
     model = build_model(base_model=hp.base_model, num_classes=len(classes), head=hp.head, dropout=hp.dropout)
     model.load_state_dict(state["model"])
     return FitResult(model=model, history=state["history"], best_epoch=state["best_epoch"], stopped=state["stopped"],
-                     val=state["val"], test=state["test"], calibration=state.get("calibration", {}))
+                     hp=Hyperparameters.model_validate(state["hp"]), val=state["val"], test=state["test"],
+                     calibration=state.get("calibration", {}))

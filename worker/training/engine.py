@@ -14,11 +14,14 @@ from torch import nn
 
 from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
-from shared.storage import atomic_path
 from worker.training import distributed
+from worker.training.auto import resolve
+from worker.training.averaging import WeightEma, ema_decay, eval_batches, recalibrate_bn, recalibration_indices
 from worker.training.calibration import calibration_report
-from worker.training.data import TEST, TRAIN, VAL, CachedDataset, batch_count, iterate_batches, prepare_batch
+from worker.training.checkpoint import CheckpointWriter, load_checkpoint
+from worker.training.data import TEST, TRAIN, VAL, CachedDataset, batch_count, prepare_batch
 from worker.training.features import cached_features, features_path, uses_feature_cache
+from worker.training.loader import BatchProducer, plan_batches
 from worker.training.metrics import classification_report
 from worker.training.misclassified import pick_misclassified
 from worker.training.optim import (
@@ -60,34 +63,27 @@ class FitResult:
     history: list[dict[str, Any]]
     best_epoch: int
     stopped: str | None  # None, "early_stopping", "max_minutes" or "cancelled"
+    hp: Hyperparameters  # as trained: every ``auto`` resolved
     features_reused: bool | None = None  # None: the frozen-backbone fast path was not taken
     val: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature fitted on val, test ECE before/after
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _mix(images: torch.Tensor, labels: torch.Tensor, hp: Hyperparameters, generator: torch.Generator,
+         rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix (chosen per batch when both are on); returns mixed images, partner labels, lam.
 
-
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _mix(images: torch.Tensor, labels: torch.Tensor, hp: Hyperparameters, generator: torch.Generator
-         ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mixup or CutMix (chosen per batch when both are on); returns mixed images, partner labels, lam."""
-    use_cutmix = hp.cutmix > 0 and (hp.mixup == 0 or torch.rand(1, generator=generator).item() < 0.5)
+    The per-batch scalars (which mix, lam, the CutMix box) come from the host ``rng`` and the pairing from the
+    device ``generator``: nothing is read back from the device, so a GPU step never waits here."""
+    use_cutmix = hp.cutmix > 0 and (hp.mixup == 0 or rng.random() < 0.5)
     alpha = hp.cutmix if use_cutmix else hp.mixup
-    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(alpha, alpha))
-    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(images.shape[0], generator=generator, device=generator.device).to(images.device)
     if use_cutmix:
         side = images.shape[-1]
         cut = int(side * (1 - lam) ** 0.5)
-        cx, cy = (torch.randint(0, side, (2,), generator=generator)).tolist()
+        cx, cy = (int(value) for value in rng.integers(0, side, 2))
         x1, x2 = max(cx - cut // 2, 0), min(cx + cut // 2, side)
         y1, y2 = max(cy - cut // 2, 0), min(cy + cut // 2, side)
         images = images.clone()
@@ -102,40 +98,50 @@ def train_one_epoch(
     *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     criterion: nn.Module, data: CachedDataset, indices: np.ndarray, hp: Hyperparameters, device: torch.device,
     generator: torch.Generator, dtype: torch.dtype | None, frozen: list[nn.Module],
-    on_step: Callable[[int, int, int], bool], prepare: Prepare,
+    on_step: Callable[[int, int, int], bool], prepare: Prepare, ema: WeightEma | None = None,
 ) -> dict[str, float]:
-    """One pass over ``indices``; ``on_step(step, steps, images)`` returns True to stop early."""
+    """One pass over ``indices`` in full batches (``plan_batches``), assembled by a producer thread;
+    ``on_step(step, steps, images)`` returns True to stop early.
+
+    ``generator`` (on the host) draws the order and seeds the augmentation, which is drawn on ``device``; the
+    loss and accuracy add up on the device and are read once, at the end of the epoch: no step waits for the
+    device to answer."""
     model.train()
     for module in frozen:
         module.eval()  # frozen stages keep their BatchNorm statistics too
-    steps = max(1, batch_count(len(indices), hp.batch_size, drop_last=True))
+    order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    chunks = plan_batches(order, hp.batch_size, pad=True)
+    steps = max(1, len(chunks))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    augment = torch.Generator(device=device).manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mixed = (hp.mixup > 0 or hp.cutmix > 0) and hp.augment != "none"
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = 0
-    for step, (raw, labels) in enumerate(iterate_batches(
-        data, indices, batch_size=hp.batch_size, shuffle=True, generator=generator, device=device,
-        drop_last=True,
-    ), 1):
-        images = prepare(raw, True, generator)
-        mixed = (hp.mixup > 0 or hp.cutmix > 0) and hp.augment != "none"
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if mixed:
-                images, partner, lam = _mix(images, labels, hp, generator)
-                logits = model(images)
-                loss = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, partner)
-            else:
-                logits = model(images)
-                loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.shape[0]
-        if on_step(step, steps, seen):
-            break
+    with BatchProducer(data, chunks, device=device) as batches:
+        for step, (raw, labels) in enumerate(batches, 1):
+            images = prepare(raw, True, augment)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                if mixed:
+                    images, partner, lam = _mix(images, labels, hp, augment, rng)
+                    logits = model(images)
+                    loss = lam * criterion(logits, labels) + (1 - lam) * criterion(logits, partner)
+                else:
+                    logits = model(images)
+                    loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update()
+            loss_sum += loss.detach() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+            if on_step(step, steps, seen):
+                break
     loss_sum, correct, seen = distributed.epoch_totals(model, loss_sum, correct, seen)
     seen = max(seen, 1)
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "train_images": seen}
@@ -149,17 +155,29 @@ def evaluate(
     """Softmax probabilities and labels for ``indices``, with the eval crop."""
     model.eval()
     probs, labels_out = [], []
-    generator = torch.Generator().manual_seed(0)
-    for raw, labels in iterate_batches(data, np.sort(indices), batch_size=batch_size or hp.batch_size * 2,
-                                       shuffle=False, generator=generator, device=device):
-        images = prepare(raw, False, generator)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels_out.append(labels.cpu())
+    generator = torch.Generator(device=device).manual_seed(0)  # the eval crop draws nothing
+    chunks = plan_batches(np.sort(indices), batch_size or hp.batch_size * 2, pad=False)
+    with BatchProducer(data, chunks, device=device) as batches:
+        for raw, labels in batches:
+            images = prepare(raw, False, generator)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(images)
+            probs.append(torch.softmax(logits.float(), dim=1))
+            labels_out.append(labels.clone())  # the producer reuses its buffers
     if not probs:
         return np.zeros((0, data.num_classes), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels_out).numpy()
+    # One copy back at the end instead of a device round trip per batch.
+    return torch.cat(probs).cpu().numpy(), torch.cat(labels_out).cpu().numpy()
+
+
+def _weights_of(model: nn.Module, trainable: nn.Module, ema: WeightEma | None, weights: str) -> dict[str, Any]:
+    """The whole model's state with the chosen weights (``trainable`` is the model or, on cached
+    features, its head)."""
+    state = model.state_dict()
+    if weights == "ema" and ema is not None:
+        prefix = "" if trainable is model else "fc."
+        state.update({prefix + key: value for key, value in ema.module.state_dict().items()})
+    return state
 
 
 def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -172,12 +190,30 @@ def fit(
     *, hp: Hyperparameters, data: CachedDataset, splits: np.ndarray, device: torch.device, work_dir: Path,
     weights_dir: Path | None, reporter: Reporter, compile_model: bool = False, features_dir: Path | None = None,
 ) -> FitResult:
+    """``_fit`` with its checkpoint writer, which is joined however training ends (a failed job's files are
+    removed after this returns: no write may land after that)."""
+    with CheckpointWriter() as writer:
+        return _fit(hp=hp, data=data, splits=splits, device=device, work_dir=work_dir, weights_dir=weights_dir,
+                    reporter=reporter, compile_model=compile_model, features_dir=features_dir, writer=writer)
+
+
+def _fit(
+    *, hp: Hyperparameters, data: CachedDataset, splits: np.ndarray, device: torch.device, work_dir: Path,
+    weights_dir: Path | None, reporter: Reporter, compile_model: bool, features_dir: Path | None,
+    writer: CheckpointWriter,
+) -> FitResult:
     """Train, keep the best epoch by validation accuracy, resume from ``work_dir`` if it has a checkpoint.
 
     With ``features_dir`` and a frozen backbone without augmentation only the head is trained, on
     backbone features cached under ``features_dir``. Every epoch reseeds from (seed, epoch), so the RNG
     state a checkpoint needs is its epoch number, and a resumed run matches an uninterrupted one.
     """
+    if device.type == "cuda":
+        # Static shapes (plan_batches pads the last batch): one autotuning pass per layer shape, then the fastest
+        # kernels. Set here so every caller (the job, ranks, benches) gets it.
+        torch.backends.cudnn.benchmark = True
+    train_idx, val_idx, test_idx = (np.flatnonzero(splits == code) for code in (TRAIN, VAL, TEST))
+    hp = resolve(hp, train_count=distributed.shard_size(len(train_idx)), device=device)
     torch.manual_seed(hp.seed)
     model = build_model(base_model=hp.base_model, num_classes=data.num_classes, weights=hp.weights,
                         weights_dir=weights_dir, head=hp.head, dropout=hp.dropout)
@@ -186,7 +222,6 @@ def fit(
     if hp.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(hp, device)
-    train_idx, val_idx, test_idx = (np.flatnonzero(splits == code) for code in (TRAIN, VAL, TEST))
     steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)), hp.batch_size, drop_last=True))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, steps_per_epoch)
@@ -203,6 +238,8 @@ def fit(
     trainable = model.fc if features_reused is not None else model
     runner = torch.compile(trainable) if compile_model else trainable
     trainer = distributed.wrap(runner, device)
+    ema = WeightEma(trainable, decay=ema_decay(hp.epochs * steps_per_epoch)) if hp.ema == "on" else None
+    recalibration = recalibration_indices(train_idx, seed=hp.seed) if hp.recalibrate_bn == "on" else None
 
     state = load_checkpoint(work_dir / CHECKPOINT)
     history: list[dict[str, Any]] = []
@@ -213,6 +250,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
         elapsed_before, start_epoch = state["elapsed"], state["epoch"] + 1
 
@@ -246,38 +285,50 @@ def fit(
         train_metrics = train_one_epoch(
             model=trainer, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, data=source,
             indices=train_shard, hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
-            on_step=on_step, prepare=prepare,
+            on_step=on_step, prepare=prepare, ema=ema,
         )
         if stopped == "cancelled":
             break
         train_seconds = time.monotonic() - epoch_start
-        probs, labels = distributed.gather(*evaluate(
-            model=runner, data=source, indices=distributed.shard(val_idx), hp=hp, device=device, dtype=dtype,
-            prepare=prepare))
-        val_accuracy = float((probs.argmax(1) == labels).mean()) if len(labels) else train_metrics["train_accuracy"]
-        val_loss = _loss(probs, labels) if len(labels) else train_metrics["train_loss"]
+        # Validation runs the eager module: a compiled one would compile (and recompile) an eval graph too.
+        # The raw and the averaged weights are both scored; the better one is what this epoch would publish.
+        scores: dict[str, tuple[float, float]] = {}
+        for name, module in (("raw", trainable), *((("ema", ema.module),) if ema is not None else ())):
+            if recalibration is not None:
+                recalibrate_bn(module, eval_batches(data=source, indices=recalibration, batch_size=hp.batch_size,
+                                                    device=device, prepare=prepare), autocast=(device, dtype))
+            probs, labels = distributed.gather(*evaluate(
+                model=module, data=source, indices=distributed.shard(val_idx), hp=hp, device=device, dtype=dtype,
+                prepare=prepare))
+            scores[name] = ((float((probs.argmax(1) == labels).mean()), _loss(probs, labels)) if len(labels)
+                            else (train_metrics["train_accuracy"], train_metrics["train_loss"]))
+        weights = max(scores, key=lambda name: (scores[name][0], -scores[name][1], name == "ema"))
+        val_accuracy, val_loss = scores[weights]
         metrics = {
-            "epoch": epoch, **train_metrics, "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "epoch": epoch, **train_metrics, "val_loss": val_loss, "val_accuracy": val_accuracy, "weights": weights,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_second": round(train_metrics["train_images"] / max(train_seconds, 1e-9), 2),
             "seconds": round(time.monotonic() - epoch_start, 3),
         }
         history.append(metrics)
+        files: list[tuple[Path, dict[str, Any]]] = []
         improved = val_accuracy > best["val_accuracy"] or (
             val_accuracy == best["val_accuracy"] and val_loss < best["val_loss"])
         if improved:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "val_loss": val_loss}
             bad_epochs = 0
             if distributed.is_main():
-                save_checkpoint(work_dir / BEST, {"model": model.state_dict(), "epoch": epoch})
+                files.append((work_dir / BEST, {"model": _weights_of(model, trainable, ema, weights), "epoch": epoch}))
         else:
             bad_epochs += 1
         if distributed.is_main():
-            save_checkpoint(work_dir / CHECKPOINT, {
+            files.append((work_dir / CHECKPOINT, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
                 "best": best, "bad_epochs": bad_epochs, "elapsed": elapsed_before + time.monotonic() - started,
-            })
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+            }))
+            writer.submit(files)  # snapshot now, written while the next epoch trains
         reporter.epoch_done(epoch, metrics)
         if stopped is None and hp.early_stopping_patience and bad_epochs >= hp.early_stopping_patience:
             stopped = "early_stopping"
@@ -285,12 +336,13 @@ def fit(
             break
 
     if not distributed.is_main():  # rank 0 alone scores and returns the model
-        return FitResult(model=model, history=history, best_epoch=best["epoch"], stopped=stopped)
+        return FitResult(model=model, history=history, best_epoch=best["epoch"], stopped=stopped, hp=hp)
+    writer.wait()  # best.pt of the last epoch may still be in flight
     best_state = load_checkpoint(work_dir / BEST)
     final = copy.deepcopy(model)
     if best_state is not None:
         final.load_state_dict(best_state["model"])
-    result = FitResult(model=final, history=history, best_epoch=best["epoch"], stopped=stopped,
+    result = FitResult(model=final, history=history, best_epoch=best["epoch"], stopped=stopped, hp=hp,
                        features_reused=features_reused)
     if stopped != "cancelled":
         scorer = final.fc if features_reused is not None else final
