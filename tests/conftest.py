@@ -37,6 +37,19 @@ def unavailable(what: str, exc: Exception) -> None:
     pytest.skip(f"SKIPPING LOUDLY: {message}")
 
 
+@pytest.fixture(autouse=True)
+def pillow_pixel_limit() -> Iterator[None]:
+    """Pillow's MAX_IMAGE_PIXELS is process-wide; our code passes its pixel limits per call (api.images,
+    worker.images). A test that leaves it changed would make later tests depend on the order they run in:
+    it is put back, and the test that changed it errors."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    yield
+    after, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, before
+    assert after == before, f"PIL.Image.MAX_IMAGE_PIXELS was left at {after} (was {before}); pass limits per call"
+
+
 def reset_caches() -> None:
     for cached in (get_settings, get_engine, get_sessionmaker, get_celery):
         cached.cache_clear()

@@ -58,6 +58,19 @@ def test_a_request_over_its_pixel_budget_is_413_before_decoding(make_client):
         assert "1 allowed per request" in two.json()["detail"]
 
 
+def test_the_pixel_limit_is_per_request_and_leaves_pillows_process_wide_one_alone(make_client):
+    before = Image.MAX_IMAGE_PIXELS
+    with make_client(TUNESERVE_MAX_IMAGE_PIXELS="10000") as client:
+        png = encoded(Image.new("RGB", (120, 100), (10, 200, 10)), "PNG")
+        refused = client.post("/v1/predict", files=[("file", ("big.png", png))])
+        assert (refused.status_code, refused.json()["code"]) == (422, "too_many_pixels")
+        assert "over the 10000 pixel limit" in refused.json()["detail"]
+        assert before == Image.MAX_IMAGE_PIXELS
+        small = encoded(Image.new("RGB", (100, 100), (10, 200, 10)), "PNG")
+        assert client.post("/v1/predict", files=[("file", ("ok.png", small))]).status_code == 200
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
 def test_fifty_photos_in_one_request_still_work(make_client):
     with make_client() as client:
         photo = jpeg_bytes(make_image("red", random.Random(0), 1200))
