@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
@@ -86,7 +87,12 @@ def authenticate(*, session: Session, settings: Settings, token: str | None) -> 
     raise _unauthorized("invalid_api_key", "the API key is not valid (unknown or revoked)")
 
 
-def get_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Principal:
+# Declares the bearer scheme in OpenAPI (Swagger's Authorize button); api.guard does the checking.
+BEARER_SCHEME = HTTPBearer(auto_error=False, description="an API key: `tuneserve keys create`, or TUNESERVE_API_KEYS")
+
+
+def get_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+                  _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER_SCHEME)] = None) -> Principal:
     """The principal ``api.guard`` authenticated before the body was read (or, outside it, now)."""
     known = getattr(request.state, "principal", None)
     if isinstance(known, Principal):

@@ -1,6 +1,11 @@
-"""Every error a client sees is ``{"detail": "<sentence>", "code": "<machine_code>"}``."""
+"""Every error a client sees is an RFC 9457 problem (``application/problem+json``): ``detail`` (a sentence) and
+``code`` (machine-readable) as always, plus ``type``, ``title``, ``status`` and ``instance`` (the request id, as
+in ``X-Request-ID`` and the logs). Under ``/v2`` (Open Inference Protocol) it also carries ``error``, the one
+field KServe/Triton clients read."""
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +23,7 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
 
 
 DB_UNAVAILABLE = {"detail": "the database is unavailable; try again shortly", "code": "db_unavailable"}
+PROBLEM_JSON = "application/problem+json"
 
 
 class FieldError(BaseModel):
@@ -26,15 +32,54 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    type: str
+    title: str
+    status: int
     detail: str
     code: str
+    instance: str | None = None
     errors: list[FieldError] | None = None
+    error: str | None = None  # under /v2 only: the detail again, where Open Inference Protocol clients look
 
 
-# Documented on every route so clients (and the schema fuzzer) know the shape of each error.
+# Documented on every route so clients (and the schema fuzzer) know the shape of each error; the media type
+# is switched to application/problem+json in the schema by ``document_problems``.
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 507)
 }
+
+
+def problem(status: int, code: str, detail: str, *, path: str = "", **extra: Any) -> dict[str, Any]:
+    """The error body for ``status``; ``path`` is the request's (OIP clients under /v2 read ``error``)."""
+    # Imported here: api.observability imports api.auth, which imports this module.
+    from api.observability import request_id_var
+
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    body = {"type": f"urn:tuneserve:error:{code}", "title": title, "status": status, "detail": detail,
+            "code": code, "instance": request_id_var.get(), **extra}
+    if path == "/v2" or path.startswith("/v2/"):
+        body["error"] = detail
+    return body
+
+
+def problem_response(request: Request, status: int, code: str, detail: str,
+                     headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(problem(status, code, detail, path=request.url.path, **extra), status_code=status,
+                        headers=headers, media_type=PROBLEM_JSON)
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Error responses in the OpenAPI schema under the media type they are sent with."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, answer in operation.get("responses", {}).items():
+                content = answer.get("content", {})
+                if status[:1] in "45" and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+    return schema
 
 
 class ApiError(Exception):
@@ -61,25 +106,26 @@ def _validation_detail(errors: list[dict]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    schema = app.openapi
+    app.openapi = lambda: document_problems(schema())  # type: ignore[method-assign]
+
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.status_code,
-                            headers=exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return problem_response(request, exc.status_code, exc.code, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")} for e in exc.errors()]
-        return JSONResponse({"detail": _validation_detail(exc.errors()), "code": "validation_error",
-                             "errors": errors}, status_code=422)
+        return problem_response(request, 422, "validation_error", _validation_detail(exc.errors()), errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return JSONResponse({"detail": detail, "code": STATUS_CODES.get(exc.status_code, "error")},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return problem_response(request, exc.status_code, STATUS_CODES.get(exc.status_code, "error"), detail,
+                                getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
-    async def _db(_: Request, exc: DBAPIError) -> JSONResponse:
+    async def _db(request: Request, exc: DBAPIError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        return JSONResponse(DB_UNAVAILABLE, status_code=503, headers={"Retry-After": "5"})
+        return problem_response(request, 503, DB_UNAVAILABLE["code"], DB_UNAVAILABLE["detail"], {"Retry-After": "5"})

@@ -7,6 +7,7 @@ the first megabyte, or at once when Content-Length already says so.
 """
 
 import json
+import re
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -16,16 +17,19 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate, bearer_token
-from api.errors import DB_UNAVAILABLE, ApiError
+from api.errors import DB_UNAVAILABLE, PROBLEM_JSON, ApiError, problem
 from shared.config import get_settings
 from shared.db import get_sessionmaker
 
 # Paths that hold no team data: health for load balancers, the UI shell and its static assets, and the
 # API docs pages (the schema they load, /openapi.json, still needs a key).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/ui/config.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-                          "/favicon.ico"})
+                          "/favicon.ico", "/v2", "/v2/health/live", "/v2/health/ready"})
 PUBLIC_PREFIXES = ("/static/", "/static-docs/")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Open Inference Protocol requests carry their tensors in the (non-multipart) body, held in memory: they get
+# the size of one image upload (TUNESERVE_MAX_IMAGE_MB) instead of the JSON limit.
+OIP_INFER = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer")
 # Every answer: no MIME sniffing, no framing, no referrer. The UI page also gets a policy that lets it
 # load only its own scripts, styles and API (the page has no inline script to allow).
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
@@ -37,8 +41,8 @@ UI_POLICY = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 
 class BodyTooLarge(HTTPException):
     """Raised from ``receive`` mid-body; an HTTPException so FastAPI's body parsing passes it on as a 413."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, _too_large(limit)["detail"])
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, _too_large(limit, setting)["detail"])
 
 
 def is_public(scope: Scope) -> bool:
@@ -48,9 +52,11 @@ def is_public(scope: Scope) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
-async def _answer(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(body, separators=(",", ":")).encode()  # as JSONResponse writes it
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+async def _answer(send: Send, scope: Scope, status: int, body: dict[str, str],
+                  headers: dict[str, str] | None = None) -> None:
+    full = problem(status, body["code"], body["detail"], path=scope.get("path", ""))
+    payload = json.dumps(full, separators=(",", ":")).encode()  # as JSONResponse writes it
+    raw = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(payload)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": payload})
@@ -73,8 +79,16 @@ def _is_multipart(scope: Scope) -> bool:
                for name, value in scope.get("headers") or [])
 
 
-def _too_large(limit: int) -> dict[str, str]:
-    return {"detail": f"the request body is larger than {limit // 1024} KiB (TUNESERVE_MAX_JSON_KB); "
+def _body_limit(scope: Scope) -> tuple[int, str]:
+    """The most body bytes a non-multipart request may send, and the setting that says so."""
+    settings = get_settings()
+    if OIP_INFER.fullmatch(scope.get("path", "")):
+        return settings.max_image_mb * 2**20, "TUNESERVE_MAX_IMAGE_MB"
+    return settings.max_json_kb * 1024, "TUNESERVE_MAX_JSON_KB"
+
+
+def _too_large(limit: int, setting: str = "TUNESERVE_MAX_JSON_KB") -> dict[str, str]:
+    return {"detail": f"the request body is larger than {limit // 1024} KiB ({setting}); "
                       "send less, or upload files as multipart/form-data", "code": "payload_too_large"}
 
 
@@ -98,19 +112,20 @@ class GuardMiddleware:
                 token = bearer_token(Headers(scope=scope).get("authorization", ""))
                 principal = await run_in_threadpool(_authenticate, token)
             except ApiError as exc:
-                await _answer(secured_send, exc.status_code, {"detail": exc.detail, "code": exc.code}, exc.headers)
+                await _answer(secured_send, scope, exc.status_code, {"detail": exc.detail, "code": exc.code},
+                              exc.headers)
                 return
             except (OperationalError, InterfaceError):  # keys live in the database: no database, no answer
-                await _answer(secured_send, 503, DB_UNAVAILABLE, {"Retry-After": "5"})
+                await _answer(secured_send, scope, 503, DB_UNAVAILABLE, {"Retry-After": "5"})
                 return
             scope.setdefault("state", {})["principal"] = principal
         if scope.get("method") not in BODY_METHODS or _is_multipart(scope):
             await self.app(scope, receive, secured_send)
             return
-        limit = get_settings().max_json_kb * 1024
+        limit, setting = _body_limit(scope)
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
-            await _answer(secured_send, 413, _too_large(limit))
+            await _answer(secured_send, scope, 413, _too_large(limit, setting))
             return
         received = 0
         started = False
@@ -121,7 +136,7 @@ class GuardMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -133,4 +148,4 @@ class GuardMiddleware:
             await self.app(scope, capped_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _answer(secured_send, 413, _too_large(limit))
+                await _answer(secured_send, scope, 413, _too_large(limit, setting))
