@@ -62,12 +62,36 @@ def build_optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimi
         lr = hp.learning_rate * (1.0 if is_head else backbone_factor)
         param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else hp.weight_decay,
                              "name": ("head" if is_head else "backbone") + ("_no_decay" if no_decay else "")})
+    # On CUDA the fused kernels update every parameter in a few launches instead of several per tensor.
+    fused = all(param.is_cuda for group in param_groups for param in group["params"]) or None
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=0.9, nesterov=True, fused=fused)
     if hp.optimizer == "adam":
         # Adam's weight_decay is L2 in the gradient; kept for the classic recipe's sake.
-        return torch.optim.Adam(param_groups, lr=hp.learning_rate)
-    return torch.optim.AdamW(param_groups, lr=hp.learning_rate)
+        return torch.optim.Adam(param_groups, lr=hp.learning_rate, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=hp.learning_rate, fused=fused)
+
+
+# compile: auto. Compiling ResNet fwd+bwd with inductor takes about this long, cold, on the H200 (bench/gpu.sh's
+# compile step estimate for resnet50; the others scaled by depth), and typically saves this share of an eager
+# bf16 channels_last step. Both are estimates until bench/gpu.sh's compile step measures them.
+COMPILE_SECONDS = {"resnet18": 40.0, "resnet34": 50.0, "resnet50": 70.0, "resnet101": 110.0}
+COMPILE_SAVING = 0.15
+# Eager bf16 channels_last training on one H200 at 224 px (resnet50: issue 17's estimate; the others by FLOPs).
+EAGER_IMAGES_PER_SECOND_224 = {"resnet18": 12_000.0, "resnet34": 7_000.0, "resnet50": 3_000.0, "resnet101": 1_800.0}
+
+
+def compile_pays_off(*, hp: Hyperparameters, device: torch.device, train_images: int) -> bool:
+    """``compile``: ``on``/``off`` as asked; ``auto`` compiles a CUDA run whose estimated eager training time
+    saves more than compiling costs (resnet50 at 224 px: ~1.4M images trained, e.g. 14k images x 100 epochs).
+    Never on CPU: inductor's CPU compile takes minutes and the saving is small."""
+    if hp.compile != "auto":
+        return hp.compile == "on"
+    if device.type != "cuda":
+        return False
+    rate = EAGER_IMAGES_PER_SECOND_224[hp.base_model] * (224 / hp.image_size) ** 2
+    eager_seconds = hp.epochs * train_images / rate
+    return eager_seconds * COMPILE_SAVING > COMPILE_SECONDS[hp.base_model]
 
 
 def build_scheduler(
