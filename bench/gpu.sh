@@ -20,7 +20,8 @@
 #   train    bench/train.py: ours (bf16, channels_last, batch BATCH, from the uint8 cache), then the naive
 #            recipe (PIL per step, fp32, batch 32, NAIVE_WORKERS loader processes), EPOCHS epochs of IMAGES;
 #   infer    bench/infer.py: one forward pass at batch BATCH: ours eager, naive fp32;
-#   predict  bench/predict.py: POST /predict over HTTP at CONCURRENCY, micro-batching on vs off;
+#   predict  bench/predict.py: POST /predict over HTTP at CONCURRENCY, `tuneserve api --workers N` for N in
+#            PREDICT_WORKERS (1,4; batching on): one process vs several batching into the one GPU;
 #   compile  the torch.compile rows, apart because compiling is slow and may fail: bench/train.py --only
 #            compiled (rate of the epochs after the compiling one) then bench/infer.py --only compiled;
 #   ingest   bench/gpu_ingest.py: the worker's real ingestion of a zip of INGEST_IMAGES JPEGs.
@@ -36,7 +37,8 @@
 #            ~3k img/s 10 s + evals and cudnn autotune 10 s, naive 28k at ~1.2k img/s
 #            (8 PIL workers) 25 s, imports 5 s
 #   infer    CUDA init 6 s, 2 rows x (INFER_SECONDS 5 s + warm-up) 14 s                 20    45 |      20    90
-#   predict  2 API processes 16 s, warm-up 8 s, 2 modes x PREDICT_SECONDS 8 s, stop 3 s  45    75 |      45   120
+#   predict  1 + 4 API processes 20 s, warm-up 8 s, 2 modes x PREDICT_SECONDS 8 s,      50    80 |      60   120
+#            stop 5 s
 #   compile  inductor on resnet50 fwd+bwd ~70 s cold, eval graph ~30 s, epoch 2 5 s;     155   190 |     240   420
 #            inference graph ~35 s + 5 s
 #   ingest   20k noisy JPEGs on 16 cores 5 s, ingestion at 1-2k img/s 10-20 s           30    50 |      20    90
@@ -53,17 +55,18 @@ cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0} LIMITS=${LIMITS:-}
 if [ "$DRY_RUN" = 1 ]; then  # tiny sizes on a CPU: every code path, no meaningful figure
   : "${DEVICE:=cpu}" "${GPU_BENCH_IMAGES:=160}" "${JPEG_SIZE:=72}" "${IMAGE_SIZE:=64}" "${BATCH:=16}"
-  : "${BASE_MODEL:=resnet18}" "${NAIVE_WORKERS:=0}" "${CONCURRENCY:=4}" "${PREDICT_SECONDS:=2}"
+  : "${BASE_MODEL:=resnet18}" "${NAIVE_WORKERS:=0}" "${CONCURRENCY:=4}" "${PREDICT_SECONDS:=2}" "${PREDICT_WORKERS:=1,2}"
   : "${INFER_SECONDS:=1}" "${INGEST_IMAGES:=200}" "${TOTAL_LIMIT:=1200}"
-  declare -A EST=([setup]=30 [train]=60 [infer]=20 [predict]=45 [compile]=240 [ingest]=20)
+  declare -A EST=([setup]=30 [train]=60 [infer]=20 [predict]=60 [compile]=240 [ingest]=20)
   declare -A LIMIT=([setup]=120 [train]=240 [infer]=90 [predict]=120 [compile]=420 [ingest]=90)
 else
-  declare -A EST=([setup]=25 [train]=75 [infer]=20 [predict]=45 [compile]=155 [ingest]=30)
-  declare -A LIMIT=([setup]=90 [train]=120 [infer]=45 [predict]=75 [compile]=190 [ingest]=50)
+  declare -A EST=([setup]=25 [train]=75 [infer]=20 [predict]=50 [compile]=155 [ingest]=30)
+  declare -A LIMIT=([setup]=90 [train]=120 [infer]=45 [predict]=80 [compile]=190 [ingest]=50)
 fi
 export DEVICE=${DEVICE:-cuda} GPU_BENCH_IMAGES=${GPU_BENCH_IMAGES:-20000} JPEG_SIZE=${JPEG_SIZE:-256}
 export IMAGE_SIZE=${IMAGE_SIZE:-224} BATCH=${BATCH:-256} EPOCHS=${EPOCHS:-2} BASE_MODEL=${BASE_MODEL:-resnet50}
 export NAIVE_WORKERS=${NAIVE_WORKERS:-8} CONCURRENCY=${CONCURRENCY:-64} PREDICT_SECONDS=${PREDICT_SECONDS:-8}
+export PREDICT_WORKERS=${PREDICT_WORKERS:-1,4}
 export INFER_SECONDS=${INFER_SECONDS:-5} INGEST_IMAGES=${INGEST_IMAGES:-$GPU_BENCH_IMAGES}
 export TOTAL_LIMIT=${TOTAL_LIMIT:-450} STEPS=${STEPS:-train,infer,predict,compile,ingest} DRY_RUN
 export PYTHON=${PYTHON:-python3} DATA_DIR=${DATA_DIR:-/tmp/gpu-bench-data}
@@ -169,7 +172,8 @@ infer() {
 }
 predict() {
   "$PYTHON" bench/predict.py --step predict --device "$DEVICE" --base-model "$BASE_MODEL" \
-    --image-size "$IMAGE_SIZE" --concurrency "$CONCURRENCY" --seconds "$PREDICT_SECONDS" --rounds 2
+    --image-size "$IMAGE_SIZE" --concurrency "$CONCURRENCY" --seconds "$PREDICT_SECONDS" --rounds 2 \
+    --workers "$PREDICT_WORKERS"
 }
 compiled() {
   local rc=0
