@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 from api import observability
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.guard import GuardMiddleware
+from api.location import LocationMiddleware
 from api.predictor import Predictor
 from api.routes import batches, datasets, events, health, jobs, keys, models, plots, predict, projects, ui, v2, webhooks
 from api.uploads import sweep_stale
@@ -45,6 +46,7 @@ def create_app() -> FastAPI:
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(v2.router, responses=ERROR_RESPONSES)
     ui.install_ui(app)
+    app.add_middleware(LocationMiddleware)
     app.add_middleware(GuardMiddleware)
     app.add_middleware(observability.ObservabilityMiddleware)
     return app

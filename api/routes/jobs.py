@@ -1,4 +1,7 @@
-from fastapi import APIRouter, Response
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 
 from api.auth import PrincipalDep
 from api.deps import IdempotencyKeyDep, PageDep, ProjectQuery, SessionDep, SettingsDep
@@ -32,10 +35,23 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, page: PageDep, proje
     return JobsPublic(data=[to_public(r) for r in rows], count=count)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+def matches(etag: str, if_none_match: str | None) -> bool:
+    """If-None-Match's weak comparison: any listed tag (W/ or not) equal to ``etag``, or ``*``."""
+    tags = [t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.get("/{job_id}", response_model=JobPublic,
+            responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}})
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep,
+            if_none_match: Annotated[str | None, Header(max_length=2048)] = None) -> Response:
+    """Pollers send the ETag back in If-None-Match and get an empty 304 until the job changes."""
     job = jobs.get(session=session, job_id=job_id, principal=principal)
-    return to_public(job, jobs.history(session=session, job_id=job_id))
+    body = to_public(job, jobs.history(session=session, job_id=job_id)).model_dump_json().encode()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    if matches(etag, if_none_match):
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
