@@ -8,8 +8,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
-from shared.orm import Dataset, Job, Model, Project
-from shared.storage import dataset_dir, job_dir, model_dir
+from shared.orm import BatchPrediction, Dataset, Job, Model, Project
+from shared.storage import batch_dir, dataset_dir, job_dir, model_dir
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,12 @@ def project_usage(*, session: Session, settings: Settings, project: str) -> Usag
     dataset_ids = session.scalars(select(Dataset.id).where(Dataset.project == project)).all()
     job_ids = session.scalars(select(Job.id).where(Job.project == project)).all()
     model_ids = session.scalars(select(Model.id).where(Model.project == project)).all()
+    batch_ids = session.scalars(select(BatchPrediction.id).where(BatchPrediction.project == project)).all()
     live = session.scalar(select(func.count()).where(Dataset.project == project, Dataset.status != "deleted")) or 0
     on_disk = (sum(tree_bytes(dataset_dir(settings, i)) for i in dataset_ids)
                + sum(tree_bytes(job_dir(settings, i)) for i in job_ids)
-               + sum(tree_bytes(model_dir(settings, i)) for i in model_ids))
+               + sum(tree_bytes(model_dir(settings, i)) for i in model_ids)
+               + sum(tree_bytes(batch_dir(settings, i)) for i in batch_ids))
     return Usage(datasets=live, jobs=len(job_ids), models=len(model_ids), bytes=on_disk)
 
 

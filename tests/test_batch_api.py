@@ -193,3 +193,26 @@ def test_list_filters_by_status_and_project_and_pages(client: TestClient, model_
     assert page["count"] == 2 and len(page["data"]) == 1
     assert client.get(f"{URL}?project=default").json()["count"] == 2
     assert client.get(f"{URL}/not-a-uuid").json()["code"] == "batch_prediction_not_found"
+
+
+def test_a_dataset_a_queued_batch_reads_cannot_be_deleted(client: TestClient, model_id: str):
+    dataset_id = ready_dataset()
+    batch_id = client.post(URL, json={"dataset_id": dataset_id}).json()["id"]
+    response = client.delete(f"/v1/datasets/{dataset_id}")
+    assert (response.status_code, response.json()["code"]) == (409, "dataset_in_use")
+    client.post(f"{URL}/{batch_id}/cancel")
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
+
+
+def test_a_batchs_upload_counts_against_its_project_and_holds_the_project(client: TestClient):
+    project_row("team")
+    publish_model(project="team")
+    before = client.get("/v1/projects/team").json()["usage"]["bytes"]
+    batch_id = upload(client, data={"project": "team"}).json()["id"]
+    assert client.get("/v1/projects/team").json()["usage"]["bytes"] == before + len(archive_bytes())
+    response = client.delete("/v1/projects/team")
+    assert (response.status_code, response.json()["code"]) == (409, "project_not_empty")
+    assert "1 batch_predictions" in response.json()["detail"]
+    client.post(f"{URL}/{batch_id}/cancel")
+    assert client.delete(f"{URL}/{batch_id}").status_code == 204
+    assert client.get("/v1/projects/team").json()["usage"]["bytes"] == before

@@ -14,8 +14,8 @@ from api.uploads import SavedFile
 from shared.archives import archive_format
 from shared.celery_app import enqueue_ingest
 from shared.config import Settings
-from shared.jobstate import JobStatus
-from shared.orm import Dataset, Job, new_id
+from shared.jobstate import ACTIVE, JobStatus
+from shared.orm import BatchPrediction, Dataset, Job, new_id
 from shared.storage import dataset_dir, dataset_upload
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -74,6 +74,11 @@ def delete(*, session: Session, settings: Settings, dataset_id: str, principal: 
     if active:
         raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")
+    batches = session.scalar(select(func.count()).where(BatchPrediction.dataset_id == dataset_id,
+                                                        BatchPrediction.status.in_(ACTIVE)))
+    if batches:  # they read the dataset's upload
+        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by {batches} queued or running batch "
+                       "prediction(s); cancel them or wait for them to finish")
     used = session.scalar(select(func.count()).where(Job.dataset_id == dataset_id))
     if used:
         # Finished jobs keep their history; the dataset's files go, the row is marked deleted.

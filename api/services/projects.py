@@ -9,7 +9,7 @@ from api.errors import ApiError
 from api.schemas import ProjectCreate, ProjectPublic, ProjectUpdate, Usage
 from api.services import models, project_or_404
 from shared.config import Settings
-from shared.orm import DEFAULT_PROJECT, ApiKey, Dataset, Job, Model, Project
+from shared.orm import DEFAULT_PROJECT, ApiKey, BatchPrediction, Dataset, Job, Model, Project
 from shared.quota import project_usage
 
 
@@ -55,7 +55,7 @@ def delete(*, session: Session, name: str, principal: Principal) -> None:
     if project.name == DEFAULT_PROJECT:
         raise ApiError(409, "project_protected", "project 'default' always exists; it cannot be deleted")
     held = {table.__tablename__: session.scalar(select(func.count()).where(table.project == name)) or 0
-            for table in (Dataset, Job, Model)}
+            for table in (Dataset, Job, Model, BatchPrediction)}
     if any(held.values()):
         listed = ", ".join(f"{n} {kind}" for kind, n in held.items() if n)
         raise ApiError(409, "project_not_empty", f"project '{name}' still holds {listed}; delete them first")
