@@ -1,14 +1,14 @@
-"""Client verbs: upload, train, status, predict against a running API (--url, --api-key), in a project.
+"""Client verbs against a running API (--url, --api-key), in a project, through ``shared.client``:
+upload, train, status, predict, and the ``datasets`` and ``jobs`` groups.
 
 ``--project`` (or TUNESERVE_PROJECT; default ``default``) picks the project: uploads go to
 ``POST /v1/datasets?project=``, predictions to ``POST /v1/projects/{project}/predict``, lists take
-``?project=``, and ``train``/``status`` check that the dataset or job they name is in it.
+``?project=``, and ``train``/``status`` check that the dataset or job they name is in it. ``--json`` prints
+the API's bodies instead of text.
 """
 
 import json
-import tempfile
 import time
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,96 +19,71 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.cli_app import app, console, fail
+from shared.cli_app import Json, app, console, fail, print_json
+from shared.client import DEFAULT_PROJECT, PREDICT_BATCH_FILES, ApiError, Client
 
 FINAL = ("succeeded", "failed", "cancelled")
-DEFAULT_PROJECT = "default"
 ProjectOpt = Annotated[str | None, typer.Option("--project", envvar="TUNESERVE_PROJECT",
                                                 help="project to work in (env TUNESERVE_PROJECT; default 'default')")]
 
-
-class Client:
-    def __init__(self, url: str, api_key: str | None) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60, read=300))
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            fail(f"cannot reach {self.http.base_url}: {exc}; start it with `tuneserve dev` or pass --url", code=2)
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-                fail(f"{body.get('detail', response.text)} ({body.get('code', response.status_code)})")
-            except ValueError:
-                fail(f"HTTP {response.status_code}: {response.text[:300]}")
-        return response.json()
-
-    def events(self, job_id: str, last_id: str | None) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """(id, event, data) from the job's server-sent events; returns when the server closes the stream."""
-        headers = {"Last-Event-ID": last_id} if last_id else {}
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
-            if response.status_code >= 400:
-                response.read()
-                fail(f"{response.json().get('detail')} ({response.json().get('code')})")
-            event_id, name, data = "", "message", ""
-            for line in response.iter_lines():
-                if not line:
-                    if data:
-                        yield event_id, name, json.loads(data)
-                    name, data = "message", ""
-                elif line.startswith("id:"):
-                    event_id = line[3:].strip()
-                elif line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
-
-
-def _client(ctx: typer.Context) -> Client:
-    return Client(*ctx.obj)
+datasets_app = typer.Typer(help="Datasets: upload, list, show, delete.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Training jobs: list, status, follow, cancel, delete.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
 
 
 @contextmanager
-def _archive(path: Path) -> Iterator[Path]:
-    """The archive to send: the file itself, or a zip of the folder written to a temp dir."""
-    if path.is_file():
-        yield path
-        return
-    if not path.is_dir():
-        fail(f"{path} is neither a folder of class sub-folders nor a .zip/.tar.gz archive")
-    with tempfile.TemporaryDirectory(prefix="tuneserve-") as tmp:
-        target = Path(tmp) / f"{path.resolve().name or 'dataset'}.zip"
-        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:  # images are compressed
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                archive.write(file, file.relative_to(path).as_posix())
-        yield target
+def connect(ctx: typer.Context, project: str | None = None, as_json: bool = False) -> Iterator[Client]:
+    """A client for the command; an ApiError ends the command with its sentence (or, with --json, its body)."""
+    url, api_key = ctx.obj
+    try:
+        with Client(url, api_key, project or DEFAULT_PROJECT) as client:
+            yield client
+    except ApiError as exc:
+        if as_json:
+            print_json({"status": exc.status, "code": exc.code, "detail": exc.detail})
+            raise typer.Exit(2 if exc.code == "unreachable" else 1) from None
+        if exc.code == "unreachable":
+            fail(f"{exc.detail}; start it with `tuneserve dev` or pass --url", code=2)
+        fail(f"{exc.detail} ({exc.code})")
+
+
+def _same_project(body: Any, kind: str, project: str) -> None:
+    if body.get("project", DEFAULT_PROJECT) != project:
+        fail(f"{kind} {body['id']} is in project '{body.get('project')}', not '{project}'; pass "
+             f"--project {body.get('project')} (or set TUNESERVE_PROJECT)")
 
 
 @app.command()
 def upload(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="folder of class sub-folders, or archive")],
            name: Annotated[str | None, typer.Option(help="dataset name (default: the file name)")] = None,
            wait: Annotated[bool, typer.Option(help="wait until ingestion finishes")] = True,
-           project: ProjectOpt = None) -> None:
+           project: ProjectOpt = None, as_json: Json = False) -> None:
     """Upload a dataset (a folder is zipped for you) into the project and wait until it is ready."""
-    client = _client(ctx)
-    project = project or DEFAULT_PROJECT
-    with _archive(path) as archive, archive.open("rb") as handle:
-        console.print(f"uploading {archive.name} ({archive.stat().st_size / 2**20:.1f} MiB) to project {project}",
-                      highlight=False)
-        # In the URL, not the form: the server knows the project (and its quota) before the body streams.
-        dataset = client.call("POST", "/v1/datasets", params={"project": project},
-                              files={"file": (archive.name, handle, "application/zip")},
-                              data={"name": name} if name else {})
-    console.print(f"dataset {dataset['id']} {dataset['status']} in project {dataset.get('project', project)}",
-                  highlight=False)
-    if not wait:
-        return
-    with console.status("ingesting"):
-        while dataset["status"] == "processing":
-            time.sleep(0.5)
-            dataset = client.call("GET", f"/v1/datasets/{dataset['id']}")
+    with connect(ctx, project, as_json) as client:
+        if not as_json:
+            console.print(f"uploading {path.name} to project {client.project}", highlight=False)
+        dataset = client.upload_dataset(path, name=name)
+        if not as_json:
+            console.print(f"dataset {dataset['id']} {dataset['status']} in project {dataset.get('project')}",
+                          highlight=False)
+        if wait:
+            with console.status("ingesting") if not as_json else _nothing():
+                dataset = client.wait_for_dataset(dataset["id"])
+    if as_json:
+        print_json(dataset)
+    elif wait:
+        _show_dataset(dataset)
+    if wait and dataset["status"] != "ready":
+        fail(f"ingestion failed: {dataset.get('error')} ({dataset.get('error_code')})")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _show_dataset(dataset: Any) -> None:
     console.print(f"dataset {dataset['id']} {dataset['status']}", highlight=False)
     table = Table()
     table.add_column("class")
@@ -117,8 +92,46 @@ def upload(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="folder
         table.add_row(label, str(count))
     console.print(table)
     console.print(f"{dataset['num_images']} images, {len(dataset['rejected'])} rejected", highlight=False)
-    if dataset["status"] != "ready":
-        fail(f"ingestion failed: {dataset.get('error')} ({dataset.get('error_code')})")
+
+
+datasets_app.command("upload")(upload)
+
+
+@datasets_app.command("list")
+def datasets_list(ctx: typer.Context, project: ProjectOpt = None, as_json: Json = False) -> None:
+    """The project's datasets, newest first."""
+    with connect(ctx, project, as_json) as client:
+        body = client.list_datasets()
+    if as_json:
+        print_json(body)
+        return
+    console.print(f"project {client.project}: {body['count']} dataset(s)", highlight=False)
+    table = Table()
+    for column in ("dataset", "name", "status", "images", "classes", "created"):
+        table.add_column(column, overflow="fold")
+    for d in body["data"]:
+        table.add_row(d["id"], d["name"], d["status"], str(d["num_images"]), str(len(d.get("classes") or [])),
+                      d["created_at"][:19])
+    console.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(ctx: typer.Context, dataset: Annotated[str, typer.Argument(help="dataset id")],
+                  as_json: Json = False) -> None:
+    """One dataset: status, classes and counts, rejected files."""
+    with connect(ctx, None, as_json) as client:
+        body = client.get_dataset(dataset)
+    print_json(body) if as_json else _show_dataset(body)
+
+
+@datasets_app.command("delete")
+def datasets_delete(ctx: typer.Context, dataset: Annotated[str, typer.Argument(help="dataset id")],
+                    as_json: Json = False) -> None:
+    """Delete a dataset (refused while a job uses it)."""
+    with connect(ctx, None, as_json) as client:
+        client.delete_dataset(dataset)
+    print_json({"id": dataset, "deleted": True}) if as_json else console.print(f"deleted dataset {dataset}",
+                                                                               highlight=False)
 
 
 def _parse_param(raw: str) -> tuple[str, Any]:
@@ -142,54 +155,66 @@ def train(ctx: typer.Context, dataset: Annotated[str, typer.Argument(help="datas
           param: Annotated[list[str] | None, typer.Option("--param", "-p", help="any hyperparameter: key=value")
                            ] = None,
           follow: Annotated[bool, typer.Option(help="follow progress until the job ends")] = True,
-          project: ProjectOpt = None) -> None:
+          project: ProjectOpt = None, as_json: Json = False) -> None:
     """Start a fine-tuning job and follow it with a live progress bar until it ends.
 
-    The job belongs to its dataset's project; with --project (or TUNESERVE_PROJECT) the dataset must be in it."""
-    client = _client(ctx)
-    if project is not None:
-        _same_project(client.call("GET", f"/v1/datasets/{dataset}"), "dataset", project)
+    The job belongs to its dataset's project; with --project (or TUNESERVE_PROJECT) the dataset must be in it.
+    With --json, prints the job once it ends (with --no-follow: as created)."""
     named = {"epochs": epochs, "base_model": base_model, "image_size": image_size, "batch_size": batch_size,
              "learning_rate": learning_rate, "weights": weights}
     hyperparameters = {k: v for k, v in named.items() if v is not None} | dict(map(_parse_param, param or []))
-    job = client.call("POST", "/v1/jobs", json={"dataset_id": dataset, "hyperparameters": hyperparameters})
-    console.print(f"job {job['id']} {job['status']}", highlight=False)
-    if follow:
-        _follow(client, job["id"])
+    with connect(ctx, project, as_json) as client:
+        if project is not None:
+            _same_project(client.get_dataset(dataset), "dataset", project)
+        job = client.create_job(dataset, hyperparameters)
+        if not as_json:
+            console.print(f"job {job['id']} {job['status']}", highlight=False)
+        if follow:
+            job = _follow(client, job["id"], quiet=as_json)
+    if as_json:
+        print_json(job)
+    if follow and job["status"] != "succeeded":
+        fail(f"job ended {job['status']}: {job.get('error') or 'no error recorded'}")
 
 
-def _follow(client: Client, job_id: str) -> None:
+def _follow(client: Client, job_id: str, *, quiet: bool = False) -> Any:
+    """Print progress from the job's events until it ends; returns the final job."""
     status, last_id = "queued", None
-    live = console.is_terminal
+    live = console.is_terminal and not quiet
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not live) as bar:
         task = bar.add_task("queued", total=None, detail="")
         while status not in FINAL:
             try:
-                for event_id, name, data in client.events(job_id, last_id):
-                    last_id = event_id
-                    status = _on_event(bar, task, name, data, status, live)
-            except httpx.TransportError as exc:  # dropped stream: reconnect; the snapshot makes us whole
-                console.print(f"stream interrupted ({type(exc).__name__}); reconnecting", highlight=False)
+                for event in client.job_events(job_id, last_event_id=last_id):
+                    last_id = event.id or last_id
+                    status = _on_event(bar, task, event.event, event.data, status, live, quiet)
+            except (httpx.TransportError, ApiError) as exc:  # dropped stream: reconnect; the snapshot makes us whole
+                if isinstance(exc, ApiError) and exc.status != 0:
+                    raise
+                if not quiet:
+                    console.print(f"stream interrupted ({type(exc).__name__}); reconnecting", highlight=False)
                 time.sleep(1)
-    final = client.call("GET", f"/v1/jobs/{job_id}")
-    test = ((final.get("metrics") or {}).get("test") or {})
-    summary = f"job {job_id} {final['status']}"
-    if final.get("model_id"):
-        summary += f" · model {final['model_id']}"
-    if "accuracy" in test:
-        summary += f" · test accuracy {test['accuracy']:.3f}"
-    console.print(summary, highlight=False)
-    if final["status"] != "succeeded":
-        fail(f"job ended {final['status']}: {final.get('error') or 'no error recorded'}")
+    final = client.get_job(job_id)
+    if not quiet:
+        test = (final.get("metrics") or {}).get("test") or {}
+        summary = f"job {job_id} {final['status']}"
+        if final.get("model_id"):
+            summary += f" · model {final['model_id']}"
+        if "accuracy" in test:
+            summary += f" · test accuracy {test['accuracy']:.3f}"
+        console.print(summary, highlight=False)
+    return final
 
 
-def _on_event(bar: Progress, task: Any, name: str, data: dict[str, Any], status: str, live: bool) -> str:
+def _on_event(bar: Progress, task: Any, name: str, data: dict[str, Any], status: str, live: bool,
+              quiet: bool) -> str:
+    say = (lambda text: None) if quiet else (lambda text: console.print(text, highlight=False))
     if name == "snapshot":
         status = data["status"]
         for epoch in data.get("history") or []:
-            console.print(_epoch_line(epoch), highlight=False)
+            say(_epoch_line(epoch))
         data = data["progress"]
         name = "progress"
     if name == "progress" and data.get("epochs"):
@@ -200,14 +225,14 @@ def _on_event(bar: Progress, task: Any, name: str, data: dict[str, Any], status:
                   + (f" · {rate:.1f} img/s" if rate else "") + (f" · ETA {eta:.0f}s" if eta is not None else ""))
         bar.update(task, total=epochs * steps, completed=done, description=status, detail=detail)
         if not live:
-            console.print(f"progress {100 * done / (epochs * steps):5.1f}% {detail}", highlight=False)
+            say(f"progress {100 * done / (epochs * steps):5.1f}% {detail}")
     elif name == "epoch":
-        console.print(_epoch_line(data["metrics"]), highlight=False)
+        say(_epoch_line(data["metrics"]))
     elif name in ("state", "end"):
         status = data["status"]
         bar.update(task, description=status)
         if name == "state":
-            console.print(f"state {data['previous']} -> {status}", highlight=False)
+            say(f"state {data['previous']} -> {status}")
     return status
 
 
@@ -219,15 +244,12 @@ def _epoch_line(m: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def _same_project(body: dict[str, Any], kind: str, project: str) -> None:
-    if body.get("project", DEFAULT_PROJECT) != project:
-        fail(f"{kind} {body['id']} is in project '{body.get('project')}', not '{project}'; pass "
-             f"--project {body.get('project')} (or set TUNESERVE_PROJECT)")
-
-
-def _list_jobs(client: Client, project: str) -> None:
-    body = client.call("GET", "/v1/jobs", params={"project": project, "limit": 100})
-    console.print(f"project {project}: {body['count']} job(s)", highlight=False)
+def _list_jobs(client: Client, as_json: bool) -> None:
+    body = client.list_jobs()
+    if as_json:
+        print_json(body)
+        return
+    console.print(f"project {client.project}: {body['count']} job(s)", highlight=False)
     if not body["data"]:
         return
     table = Table()
@@ -244,15 +266,18 @@ def _list_jobs(client: Client, project: str) -> None:
 @app.command()
 def status(ctx: typer.Context, job: Annotated[str | None, typer.Argument(help="job id (omit: list the project's "
                                                                          "jobs)")] = None,
-           project: ProjectOpt = None) -> None:
+           project: ProjectOpt = None, as_json: Json = False) -> None:
     """Show a job: state, progress, per-epoch history, result. Without a job id, list the project's jobs."""
-    client = _client(ctx)
-    if job is None:
-        _list_jobs(client, project or DEFAULT_PROJECT)
-        return
-    body = client.call("GET", f"/v1/jobs/{job}")
+    with connect(ctx, project, as_json) as client:
+        if job is None:
+            _list_jobs(client, as_json)
+            return
+        body = client.get_job(job)
     if project is not None:
         _same_project(body, "job", project)
+    if as_json:
+        print_json(body)
+        return
     progress = body["progress"]
     console.print(f"job {body['id']} [bold]{body['status']}[/bold] · project {body.get('project')} · "
                   f"dataset {body['dataset_id']} · attempts {body['attempts']}", highlight=False)
@@ -273,24 +298,69 @@ def status(ctx: typer.Context, job: Annotated[str | None, typer.Argument(help="j
         console.print(f"[red]error[/red] {body['error']} ({body.get('error_code')})", highlight=False)
 
 
+jobs_app.command("status")(status)
+
+
+@jobs_app.command("list")
+def jobs_list(ctx: typer.Context, project: ProjectOpt = None, as_json: Json = False) -> None:
+    """The project's jobs, newest first."""
+    with connect(ctx, project, as_json) as client:
+        _list_jobs(client, as_json)
+
+
+@jobs_app.command("follow")
+def jobs_follow(ctx: typer.Context, job: Annotated[str, typer.Argument(help="job id")], as_json: Json = False) -> None:
+    """Follow a running job's progress until it ends."""
+    with connect(ctx, None, as_json) as client:
+        final = _follow(client, job, quiet=as_json)
+    if as_json:
+        print_json(final)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job: Annotated[str, typer.Argument(help="job id")], as_json: Json = False) -> None:
+    """Cancel a queued or running job (409 once it has ended)."""
+    with connect(ctx, None, as_json) as client:
+        body = client.cancel_job(job)
+    print_json(body) if as_json else console.print(f"job {job} {body['status']}", highlight=False)
+
+
+@jobs_app.command("delete")
+def jobs_delete(ctx: typer.Context, job: Annotated[str, typer.Argument(help="job id")], as_json: Json = False) -> None:
+    """Delete an ended job and its checkpoints."""
+    with connect(ctx, None, as_json) as client:
+        client.delete_job(job)
+    print_json({"id": job, "deleted": True}) if as_json else console.print(f"deleted job {job}", highlight=False)
+
+
 @app.command()
-def predict(ctx: typer.Context, images: Annotated[list[Path], typer.Argument(help="image files", exists=True,
-                                                                              dir_okay=False)],
-            top_k: Annotated[int, typer.Option(help="labels per image")] = 3,
+def predict(ctx: typer.Context,
+            images: Annotated[list[Path], typer.Argument(help="image files and folders (searched recursively)",
+                                                         exists=True)],
+            top_k: Annotated[int | None, typer.Option(help="labels per image (default: the API's, 5)")] = None,
+            min_score: Annotated[float | None, typer.Option(help="label is null under this calibrated score")
+                                 ] = None,
             model: Annotated[str | None, typer.Option(help="model id (default: the one the project serves)")
                              ] = None,
-            project: ProjectOpt = None) -> None:
-    """Classify images with the model the project serves (or --model, of that project) and print a table."""
-    files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in images]
-    data = {"top_k": str(top_k)} | ({"model_id": model} if model else {})
-    body = _client(ctx).call("POST", f"/v1/projects/{project or DEFAULT_PROJECT}/predict", files=files, data=data)
-    table = Table(title=f"model {body['model_id']}")
-    table.add_column("image")
-    table.add_column("label")
-    table.add_column("score", justify="right")
-    table.add_column("others")
-    for prediction in body["predictions"]:
-        best, *rest = prediction["top"]
-        table.add_row(prediction["filename"], best["label"], f"{best['score']:.3f}",
-                      ", ".join(f"{s['label']} {s['score']:.3f}" for s in rest))
-    console.print(table)
+            batch: Annotated[int, typer.Option(help="images per request")] = PREDICT_BATCH_FILES,
+            project: ProjectOpt = None, as_json: Json = False) -> None:
+    """Classify images, and every image under folders, with the model the project serves (or --model)."""
+    rows: list[dict[str, Any]] = []
+    with connect(ctx, project, as_json) as client:
+        for files, body in client.predict_paths(images, max_files=max(1, batch), top_k=top_k, min_score=min_score,
+                                                model_id=model):
+            rows += [{"path": str(path), "model_id": body["model_id"], **p}
+                     for path, p in zip(files, body["predictions"], strict=True)]
+    if as_json:
+        print_json({"predictions": rows})
+        return
+    for model_id in dict.fromkeys(r["model_id"] for r in rows):
+        table = Table(title=f"model {model_id}")
+        for column in ("image", "label", "score", "others"):
+            table.add_column(column, justify="right" if column == "score" else "left")
+        for row in (r for r in rows if r["model_id"] == model_id):
+            best, *rest = row["top"]
+            label = row.get("label", best["label"]) or "abstains"  # null: under the model's or --min-score
+            table.add_row(row["path"], label, f"{best['score']:.3f}",
+                          ", ".join(f"{s['label']} {s['score']:.3f}" for s in rest))
+        console.print(table)

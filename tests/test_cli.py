@@ -5,10 +5,14 @@ import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.config import get_settings
+from shared.storage import model_dir
 from tests.conftest import REPO_ROOT
 from tests.live import CLASSES, serve
 from tests.synthetic import make_heldout, make_zip
@@ -57,6 +61,9 @@ def test_cli_uploads_a_folder_trains_with_progress_shows_status_and_predicts(ser
     assert status.returncode == 0, status.stdout + status.stderr
     assert f"job {job_id} succeeded" in status.stdout and f"model {model_id}" in status.stdout
     assert re.findall(r"│\s+(\d) │\s+[\d.]+ │", status.stdout) == ["1", "2"]
+    as_json = json.loads(tuneserve("jobs", "status", job_id, "--json", env=env).stdout)
+    assert (as_json["id"], as_json["status"], as_json["model_id"]) == (job_id, "succeeded", model_id)
+    assert [h["epoch"] for h in as_json["history"]] == [1, 2]
 
     images = []
     for i, (label, data) in enumerate(make_heldout(["red", "blue"], 1)):
@@ -65,7 +72,7 @@ def test_cli_uploads_a_folder_trains_with_progress_shows_status_and_predicts(ser
     predict = tuneserve("predict", *map(str, images), "--top-k", "2", env=env)
     assert predict.returncode == 0, predict.stdout + predict.stderr
     assert f"model {model_id}" in predict.stdout
-    rows = re.findall(r"│ (\d-\w+\.jpg)\s+│ (\w+)\s+│ ([\d.]+) │ (\w+) ([\d.]+)\s+│", predict.stdout)
+    rows = re.findall(r"│ \S*/(\d-\w+\.jpg)\s+│ (\w+)\s+│ ([\d.]+) │ (\w+) ([\d.]+)\s+│", predict.stdout)
     assert [(r[0], r[1] in CLASSES, r[3] in CLASSES) for r in rows] == [
         ("0-red.jpg", True, True), ("1-blue.jpg", True, True)]
 
@@ -178,3 +185,97 @@ def test_cli_project_option_and_env_reach_the_right_project(migrated, start_serv
     assert jobs.returncode == 0 and "project team-b: 1 job(s)" in jobs.stdout and job_b in jobs.stdout, jobs.stdout
     assert wrong_job.returncode == 1 and f"job {job_b} is in project 'team-b', not 'team-a'" in wrong_job.stdout
     assert wrong_dataset.returncode == 1 and "is in project 'team-b', not 'team-a'" in wrong_dataset.stdout
+
+
+def json_of(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_cli_groups_answer_json_predict_folders_in_batches_run_batches_and_manage_webhooks(migrated, start_service,
+                                                                                           tmp_path):
+    from tests.model_rows import publish_model
+
+    service = start_service({**migrated, "TUNESERVE_API_KEYS": API_KEY})
+    older, newer = publish_model(seed=1, age_s=60), publish_model(seed=2)
+    env = {**migrated, "TUNESERVE_URL": service.url, "TUNESERVE_API_KEY": API_KEY}
+    folder = tmp_path / "photos"
+    (folder / "b" / "c").mkdir(parents=True)
+    paths = [folder / "1.jpg", folder / "b" / "2.png", folder / "b" / "c" / "3.jpg", folder / "b" / "c" / "4.jpg",
+             folder / "b" / "5.jpeg"]
+    for i, path in enumerate(paths):
+        path.write_bytes(make_heldout(["red"], 1, seed=i)[0][1])
+    (folder / "notes.txt").write_text("not an image")
+
+    version = tuneserve("--version", env=env)
+    assert (version.returncode, version.stdout.strip()) == (0, "tuneserve 0.1.0")
+    listed = json_of(tuneserve("models", "list", "--json", env=env))
+    assert (listed["count"], [m["id"] for m in listed["data"]]) == (2, [newer, older])
+    assert json_of(tuneserve("models", "promote", older, "--json", env=env))["pinned"] is True
+    shown = json_of(tuneserve("models", "show", older, "--json", env=env))
+    assert (shown["serving"], shown["temperature"], shown["min_score"]) == (True, 1.0, 0.0)
+
+    answered = json_of(tuneserve("predict", str(folder), "--batch", "2", "--json", env=env))["predictions"]
+    assert [r["path"] for r in answered] == sorted(map(str, paths))  # recursive, images only, in order
+    assert {r["model_id"] for r in answered} == {older}
+    assert [len(r["top"]) for r in answered] == [3] * 5  # the API's top_k (5), clamped to 3 classes
+    assert all(r["label"] == r["top"][0]["label"] for r in answered)
+    with service.client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        metrics = client.get("/metrics").text
+    counts = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert counts["tuneserve_predict_latency_seconds_count"] == 3  # 2 + 2 + 1 images
+
+    threshold = json_of(tuneserve("models", "threshold", older, "--min-score", "0.99", "--class", "red=0.995",
+                                  "--json", env=env))
+    assert (threshold["min_score"], threshold["class_min_scores"]) == (0.99, {"red": 0.995})
+    abstained = tuneserve("predict", str(paths[0]), env=env)
+    assert abstained.returncode == 0 and re.search(r"│ \S+1\.jpg\s+│ abstains\s+│", abstained.stdout), abstained.stdout
+    strict = json_of(tuneserve("predict", str(paths[0]), "--min-score", "0.1", "--top-k", "1", "--json", env=env))
+    assert strict["predictions"][0]["label"] is None and len(strict["predictions"][0]["top"]) == 1
+    bad = tuneserve("predict", str(paths[0]), "--min-score", "2", "--json", env=env)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["code"] == "validation_error"
+    wrong_class = tuneserve("models", "threshold", older, "--class", "purple=0.5", env=env)
+    assert wrong_class.returncode == 1 and "(unknown_class)" in wrong_class.stdout
+
+    exported = json_of(tuneserve("models", "export", older, "-o", str(tmp_path), "--json", env=env))
+    on_disk = model_dir(get_settings(), older) / "model.safetensors"
+    assert exported["path"] == str(tmp_path / f"{older}.safetensors")
+    assert Path(exported["path"]).read_bytes() == on_disk.read_bytes()
+
+    jobs = json_of(tuneserve("jobs", "list", "--json", env=env))
+    datasets = json_of(tuneserve("datasets", "list", "--json", env=env))
+    assert (jobs["count"], datasets["count"]) == (2, 2)
+    final = tuneserve("jobs", "cancel", jobs["data"][0]["id"], "--json", env=env)
+    assert final.returncode == 1 and json.loads(final.stdout)["status"] == 409
+    missing = tuneserve("models", "show", "4b6c0b1e-0000-0000-0000-000000000000", env=env)
+    assert (missing.returncode, missing.stdout.strip()) == (
+        1, "error: model 4b6c0b1e-0000-0000-0000-000000000000 does not exist (model_not_found)")
+
+    # Batch predictions on the worker, and webhooks: the same service, to keep this module fast.
+    model_id = older
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i, (label, data) in enumerate(make_heldout(CLASSES, 1)):
+        (folder / f"{i}-{label}.jpg").write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+
+    batch = json_of(tuneserve("batch", "create", str(folder), "--top-k", "2", "--wait", "--json", env=env))
+    assert (batch["status"], batch["model_id"], batch["top_k"]) == ("succeeded", model_id, 2), service.logs()
+    assert (batch["progress"]["done"], batch["progress"]["rejected"]) == (4, 1)
+    assert json_of(tuneserve("batch", "status", batch["id"], "--json", env=env))["status"] == "succeeded"
+    assert [b["id"] for b in json_of(tuneserve("batch", "list", "--json", env=env))["data"]] == [batch["id"]]
+    results = json_of(tuneserve("batch", "results", batch["id"], "-o", str(tmp_path / "out.jsonl"), "--format",
+                                "jsonl", "--json", env=env))
+    rows = [json.loads(line) for line in Path(results["path"]).read_text().splitlines()]
+    assert sorted(r["filename"] for r in rows) == sorted(p.name for p in folder.iterdir())
+    csv_text = tuneserve("batch", "results", batch["id"], "-o", str(tmp_path), env=env)
+    assert csv_text.returncode == 0 and (tmp_path / f"batch-{batch['id']}.csv").is_file(), csv_text.stdout
+
+    hook = json_of(tuneserve("webhooks", "create", "https://hooks.example.com/t", "--secret", "s3cret-0123456789abcdef",
+                             "--event", "job.succeeded", "--json", env=env))
+    assert (hook["url"], hook["events"]) == ("https://hooks.example.com/t", ["job.succeeded"]) and "secret" not in hook
+    assert [h["id"] for h in json_of(tuneserve("webhooks", "list", "--json", env=env))["data"]] == [hook["id"]]
+    assert json_of(tuneserve("webhooks", "deliveries", hook["id"], "--json", env=env)) == {"data": [], "count": 0}
+    assert json_of(tuneserve("webhooks", "delete", hook["id"], "--json", env=env)) == {"id": hook["id"],
+                                                                                       "deleted": True}
+    assert json_of(tuneserve("webhooks", "list", "--json", env=env))["count"] == 0
