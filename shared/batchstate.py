@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.jobstate import ALLOWED, FINAL, IllegalTransition, JobStatus
 from shared.orm import BatchPrediction, utcnow
+from shared.webhooks import batch_finished
 
 BatchStatus = JobStatus
 
@@ -33,4 +34,7 @@ def transition(
                                               BatchPrediction.status == expected.value)
     if also is not None:
         statement = statement.where(also)
-    return session.execute(statement.values(**values)).rowcount == 1
+    won = session.execute(statement.values(**values)).rowcount == 1
+    if won and to in FINAL:  # the webhook event commits (or rolls back) with the change itself
+        batch_finished(session=session, batch_id=batch_id, status=to.value)
+    return won

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.orm import Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id, utcnow
+from shared.orm import BatchPrediction, Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id, utcnow
 
 EVENT_TYPES = ("dataset.ready", "dataset.failed", "job.succeeded", "job.failed", "job.cancelled",
                "batch.succeeded", "batch.failed")
@@ -28,6 +28,8 @@ DATASET_FIELDS = ("id", "project", "name", "status", "filename", "size_bytes", "
                   "num_images", "rejected", "report", "progress", "error", "error_code", "created_at", "updated_at")
 JOB_FIELDS = ("id", "project", "dataset_id", "status", "hyperparameters", "progress", "history", "metrics", "error",
               "error_code", "model_id", "attempts", "created_at", "updated_at", "started_at", "finished_at")
+BATCH_FIELDS = ("id", "project", "status", "source", "dataset_id", "filename", "size_bytes", "model_id", "top_k",
+                "progress", "error", "error_code", "attempts", "created_at", "updated_at", "started_at", "finished_at")
 JOB_PROGRESS = {"epoch": 0, "epochs": 0, "step": 0, "steps": 0, "images_per_second": None, "eta_seconds": None}
 
 _JSON = TypeAdapter(dict[str, Any])
@@ -53,6 +55,13 @@ def job_body(session: Session, job_id: str) -> dict[str, Any]:
     body["progress"] = {key: progress.get(key, default) for key, default in JOB_PROGRESS.items()}
     body["history"] = list(session.scalars(
         select(JobEpoch.metrics).where(JobEpoch.job_id == job_id).order_by(JobEpoch.epoch)))
+    return body
+
+
+def batch_body(session: Session, batch_id: str) -> dict[str, Any]:
+    row = session.execute(select(BatchPrediction.__table__).where(BatchPrediction.id == batch_id)).mappings().one()
+    body = {field: row[field] for field in BATCH_FIELDS if field != "progress"}
+    body["progress"] = {"total": row["total"], "done": row["done"], "rejected": row["rejected"]}
     return body
 
 
@@ -93,3 +102,12 @@ def dataset_finished(*, session: Session, dataset_id: str, status: str) -> str |
         return None
     return record(session=session, project=project, type=f"dataset.{status}", resource_id=dataset_id,
                   data=lambda: dataset_body(session, dataset_id))
+
+
+def batch_finished(*, session: Session, batch_id: str, status: str) -> str | None:
+    """Succeeded and failed batches are events; a cancelled one is not (its user asked for it)."""
+    project = session.scalar(select(BatchPrediction.project).where(BatchPrediction.id == batch_id))
+    if project is None or f"batch.{status}" not in EVENT_TYPES:
+        return None
+    return record(session=session, project=project, type=f"batch.{status}", resource_id=batch_id,
+                  data=lambda: batch_body(session, batch_id))

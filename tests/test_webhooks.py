@@ -12,13 +12,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.routes.jobs import to_public
-from api.schemas import DatasetPublic, WebhookEventType
+from api.schemas import BatchPredictionPublic, DatasetPublic, WebhookEventType
 from api.services import jobs as job_service
+from shared import batchstate
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobstate import JobStatus, transition
-from shared.orm import Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent
-from shared.webhooks import EVENT_TYPES, dataset_body, job_body
+from shared.orm import BatchPrediction, Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id
+from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
 from tests.conftest import wait_for
 from tests.helpers import job_row, project_row, ready_dataset
 from tests.webhook_receiver import receiving, verify
@@ -156,6 +157,37 @@ def test_a_final_state_writes_one_event_for_each_hook_that_wants_it(make_app: Ca
         [logged] = deliveries(client, everything["id"])
         assert (logged["event_id"], logged["type"], logged["status"], logged["attempts"]) == (
             events[0][0], "job.cancelled", "pending", 0)
+
+
+def running_batch() -> str:
+    with session_scope() as session:
+        batch = BatchPrediction(id=new_id(), project="default", status="running", source="dataset",
+                                dataset_id=ready_dataset(), model_id=new_id(), top_k=3, total=4, done=4, rejected=1)
+        session.add(batch)
+        return batch.id
+
+
+def test_batches_that_succeed_or_fail_are_events_with_their_public_body(make_app: Callable[..., TestClient]):
+    with make_app() as client:
+        hook(client, "https://example.com/all")
+        finished = {}
+        for to in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling):
+            finished[to] = running_batch()
+            with session_scope() as session:
+                assert batchstate.transition(session=session, batch_id=finished[to], expected=JobStatus.running, to=to)
+        with session_scope() as session:
+            cancelled = finished[JobStatus.cancelling]
+            assert batchstate.transition(session=session, batch_id=cancelled, expected=JobStatus.cancelling,
+                                         to=JobStatus.cancelled)
+        with session_scope() as session:
+            events = {r: json.loads(b) for r, b in session.execute(select(WebhookEvent.resource_id, WebhookEvent.body))}
+            assert {r: e["type"] for r, e in events.items()} == {finished[JobStatus.succeeded]: "batch.succeeded",
+                                                                finished[JobStatus.failed]: "batch.failed"}
+            batch_id = finished[JobStatus.succeeded]
+            row = session.get(BatchPrediction, batch_id)
+            public = BatchPredictionPublic.model_validate(row).model_dump(mode="json")
+            assert _json(batch_body(session, batch_id)) == public == events[batch_id]["data"]
+            assert public["progress"] == {"total": 4, "done": 4, "rejected": 1}
 
 
 def test_a_transition_that_rolls_back_leaves_no_event(make_app: Callable[..., TestClient]):
