@@ -35,7 +35,7 @@ GPU_SERVICES = ("api", "worker")
 EXPECTED_COMMANDS = {
     "migrate": ["tuneserve", "migrate"],
     "api": ["tuneserve", "api", "--host", "0.0.0.0", "--port", "8000"],
-    "worker": ["tuneserve", "worker", "--queues", "train"],
+    "worker": ["tuneserve", "worker", "--queues", "train,batch"],
     "ingest": ["tuneserve", "worker", "--queues", "ingest"],
 }
 SECRETS_DIR_REF = "${TUNESERVE_SECRETS_DIR:-./secrets}"
@@ -195,7 +195,7 @@ def test_cpu_services_reserve_no_gpu(services: dict, name: str):
 
 def test_ingest_and_train_are_separate_workers(services: dict):
     queues = {name: as_argv(services[name]["command"])[-1].split(",") for name in WORKERS}
-    assert queues == {"worker": ["train"], "ingest": ["ingest"]}
+    assert queues == {"worker": ["train", "batch"], "ingest": ["ingest"]}
 
 
 @pytest.mark.parametrize("name", WORKERS)
