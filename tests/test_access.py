@@ -55,6 +55,9 @@ def teams(make_app: Callable[..., TestClient], tmp_path) -> Iterator[Teams]:  # 
                            json={"url": "https://hooks.example.com/alpha", "secret": "alpha-secret-0123456789"})
         assert hook.status_code == 201, hook.text
         ids["hook"] = hook.json()["id"]
+        batch = client.post("/v1/batch-predictions", headers=bearer(keys["alpha"]), json={"dataset_id": dataset_id})
+        assert batch.status_code == 202, batch.text
+        ids["batch"] = batch.json()["id"]
         yield Teams(client=client, alpha=bearer(keys["alpha"]), beta=bearer(keys["beta"]), admin=admin, ids=ids)
 
 
@@ -125,18 +128,27 @@ CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/v1/webhooks"): ("/v1/webhooks?project=alpha", lambda i: {}, 404),
     ("POST", "/v1/webhooks"): ("/v1/webhooks", lambda i: {"json": {"url": "https://x.example.com/h", "project": "alpha",
                                                                 "secret": "0123456789abcdef"}}, 404),
+    ("GET", "/v1/webhooks/{hook_id}"): ("/v1/webhooks/{hook}", lambda i: {}, 404),
     ("DELETE", "/v1/webhooks/{hook_id}"): ("/v1/webhooks/{hook}", lambda i: {}, 404),
     ("GET", "/v1/webhooks/{hook_id}/deliveries"): ("/v1/webhooks/{hook}/deliveries", lambda i: {}, 404),
+    ("GET", "/v1/batch-predictions"): ("/v1/batch-predictions?project=alpha", lambda i: {}, 404),
+    ("POST", "/v1/batch-predictions"): ("/v1/batch-predictions", lambda i: {"json": {"dataset_id": i["dataset"]}},
+                                        404),
+    ("GET", "/v1/batch-predictions/{batch_id}"): ("/v1/batch-predictions/{batch}", lambda i: {}, 404),
+    ("GET", "/v1/batch-predictions/{batch_id}/results"): ("/v1/batch-predictions/{batch}/results?format=csv",
+                                                          lambda i: {}, 404),
+    ("POST", "/v1/batch-predictions/{batch_id}/cancel"): ("/v1/batch-predictions/{batch}/cancel", lambda i: {}, 404),
+    ("DELETE", "/v1/batch-predictions/{batch_id}"): ("/v1/batch-predictions/{batch}", lambda i: {}, 404),
 }
 # Routes with no team data: health for load balancers, the UI shell and the offline API docs' assets.
 UNSCOPED = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"), ("GET", "/ui/config.json"), ("GET", "/docs"),
             ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"), ("GET", "/static-docs/redoc.standalone.js"),
             ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
 # Lists that answer 200 with only the caller's rows when no ?project= is given (checked on their own below).
-LISTS = ["/v1/projects", "/v1/datasets", "/v1/jobs", "/v1/models", "/v1/webhooks"]
+LISTS = ["/v1/projects", "/v1/datasets", "/v1/jobs", "/v1/models", "/v1/webhooks", "/v1/batch-predictions"]
 # What the access layer answers for a row or project the caller may not see.
 ACCESS_CODES = {"project_not_found", "dataset_not_found", "job_not_found", "model_not_found", "key_not_found",
-                "webhook_not_found", "forbidden"}
+                "webhook_not_found", "batch_prediction_not_found", "forbidden"}
 
 
 def all_routes() -> set[tuple[str, str]]:
@@ -178,6 +190,7 @@ def snapshot(teams: Teams) -> dict[str, Any]:
         "datasets": get("/v1/datasets?project=alpha", headers=teams.admin).json(),
         "jobs": get("/v1/jobs?project=alpha", headers=teams.admin).json(),
         "models": get("/v1/models?project=alpha", headers=teams.admin).json(),
+        "batches": get("/v1/batch-predictions?project=alpha", headers=teams.admin).json(),
         "keys": [(k["id"], k["projects"]) for k in get("/v1/keys", headers=teams.admin).json()["data"]],
         "webhooks": get("/v1/webhooks?project=alpha", headers=teams.admin).json(),
     }
