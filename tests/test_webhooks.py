@@ -33,6 +33,7 @@ FAST = {"TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_BACKOFF_SE
 def hook(client: TestClient, url: str, **body: object) -> dict:
     answer = client.post("/v1/webhooks", json={"url": url, "secret": SECRET, **body})
     assert answer.status_code == 201, answer.text
+    assert answer.headers["location"].endswith(f"/v1/webhooks/{answer.json()['id']}")  # GET answers there
     return answer.json()
 
 
@@ -55,6 +56,7 @@ def test_create_list_delete_never_show_the_secret_and_never_fetch_the_url(make_a
         created = hook(client, receiver.url)
         assert set(created) == {"id", "project", "url", "events", "created_at"}
         assert (created["project"], created["url"], created["events"]) == ("default", receiver.url, list(EVENT_TYPES))
+        assert client.get(f"/v1/webhooks/{created['id']}").json() == created
         listed = client.get("/v1/webhooks").json()
         assert listed == {"data": [created], "count": 1}
         assert SECRET not in client.get("/v1/webhooks").text
@@ -62,8 +64,8 @@ def test_create_list_delete_never_show_the_secret_and_never_fetch_the_url(make_a
             assert session.scalar(select(Webhook.secret)) == SECRET
         assert receiver.requests == []
         assert client.delete(f"/v1/webhooks/{created['id']}").status_code == 204
-        again = client.delete(f"/v1/webhooks/{created['id']}")
-        assert (again.status_code, again.json()["code"]) == (404, "webhook_not_found")
+        for again in (client.delete(f"/v1/webhooks/{created['id']}"), client.get(f"/v1/webhooks/{created['id']}")):
+            assert (again.status_code, again.json()["code"]) == (404, "webhook_not_found")
         assert client.get("/v1/webhooks").json() == {"data": [], "count": 0}
 
 
@@ -304,3 +306,17 @@ def test_deleting_a_hook_drops_its_pending_deliveries(make_app: Callable[..., Te
         assert client.delete(f"/v1/webhooks/{created['id']}").status_code == 204
         assert deliver_due(settings=get_settings()) == 0
         assert receiver.requests == []
+
+
+def test_delivery_works_on_the_embedded_sqlite_backend(env_for):  # type: ignore[no-untyped-def]
+    from shared.migrate import upgrade
+
+    env_for(TUNESERVE_WEBHOOK_ALLOW_PRIVATE="true")
+    upgrade()
+    with receiving(SECRET) as receiver:
+        with session_scope() as session:
+            session.add(Webhook(project="default", url=receiver.url, secret=SECRET, events=list(EVENT_TYPES)))
+        job_id = cancel_queued_job()
+        assert deliver_due(settings=get_settings()) == 1
+        [got] = receiver.requests
+        assert (got.answered, got.payload["type"], got.payload["data"]["id"]) == (200, "job.cancelled", job_id)

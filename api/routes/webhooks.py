@@ -26,6 +26,11 @@ def list_webhooks(session: SessionDep, principal: PrincipalDep, page: PageDep,
     return WebhooksPublic(data=[WebhookPublic.model_validate(r) for r in rows], count=count)
 
 
+@router.get("/{hook_id}", response_model=WebhookPublic)
+def get_webhook(hook_id: str, session: SessionDep, principal: PrincipalDep) -> WebhookPublic:
+    return WebhookPublic.model_validate(webhooks.get(session=session, hook_id=hook_id, principal=principal))
+
+
 @router.delete("/{hook_id}", status_code=204)
 def delete_webhook(hook_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
     webhooks.delete(session=session, hook_id=hook_id, principal=principal)
