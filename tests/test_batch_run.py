@@ -1,0 +1,151 @@
+"""worker.batch.run_batch and the batch reaper called in this process, on real Postgres and real files:
+resume from written chunks, second deliveries, shutdown hand-back, failures that keep nothing."""
+
+import io
+import json
+import random
+import zipfile
+from datetime import timedelta
+
+import pytest
+
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.orm import BatchPrediction, new_id, utcnow
+from shared.storage import batch_dir
+from tests.model_rows import CLASSES, publish_model
+from tests.synthetic import jpeg_bytes, make_image
+from worker.batch import run_batch
+from worker.reliability import SHUTDOWN, reap_stale_batches
+
+MARKER = {"label": "from-an-earlier-worker", "score": 1.0}
+
+
+@pytest.fixture
+def settings(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
+    env_for(pg_url, redis_url, TUNESERVE_BATCH_CHUNK_IMAGES="4", TUNESERVE_BATCH_MAX_IMAGES="10")
+    return get_settings()
+
+
+def names(count: int) -> list[str]:
+    return [f"{CLASSES[i % 3]}/{i}.jpg" for i in range(count)]
+
+
+def queued_batch(settings, *, count: int = 8, content: bytes | None = None, **fields) -> str:  # type: ignore[no-untyped-def]
+    """A queued batch of ``count`` images (or of ``content``), as the API leaves it."""
+    if content is None:
+        rng = random.Random(0)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for i, name in enumerate(names(count)):
+                archive.writestr(name, jpeg_bytes(make_image(CLASSES[i % 3], rng, 40)))
+        content = buffer.getvalue()
+    batch_id = new_id()
+    folder = batch_dir(settings, batch_id)
+    folder.mkdir(parents=True)
+    (folder / "upload").write_bytes(content)
+    values = {"status": "queued", "attempts": 0, **fields}
+    with session_scope() as session:
+        session.add(BatchPrediction(id=batch_id, source="archive", filename="a.zip", size_bytes=len(content),
+                                    model_id=publish_model(), top_k=2, done=0, rejected=0, **values))
+    return batch_id
+
+
+def row(batch_id: str) -> BatchPrediction:
+    with session_scope() as session:
+        batch = session.get(BatchPrediction, batch_id)
+        session.expunge(batch)
+        return batch
+
+
+def results(settings, batch_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    return [json.loads(line) for line in (batch_dir(settings, batch_id) / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_requeued_batch_keeps_the_chunks_already_written(settings):  # type: ignore[no-untyped-def]
+    batch_id = queued_batch(settings, attempts=1)  # as the reaper leaves a batch whose worker died
+    chunks = batch_dir(settings, batch_id) / "chunks"
+    chunks.mkdir()
+    written = [{"filename": name, "top": [MARKER]} for name in names(4)]
+    (chunks / "000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written))
+
+    run_batch(batch_id)
+
+    batch = row(batch_id)
+    assert (batch.status, batch.attempts, batch.progress) == ("succeeded", 2, {"total": 8, "done": 8, "rejected": 0})
+    rows = results(settings, batch_id)
+    assert rows[:4] == written  # not predicted again
+    assert [r["filename"] for r in rows] == names(8)
+    assert all(len(r["top"]) == 2 and r["top"][0]["label"] in CLASSES for r in rows[4:])
+    assert sorted(p.name for p in batch_dir(settings, batch_id).iterdir()) == ["results.csv", "results.jsonl"]
+
+
+def test_a_delivery_of_a_batch_another_worker_runs_does_nothing(settings):  # type: ignore[no-untyped-def]
+    batch_id = queued_batch(settings, status="running", attempts=1, worker_id="elsewhere:1", heartbeat_at=utcnow())
+    run_batch(batch_id)
+    batch = row(batch_id)
+    assert (batch.status, batch.attempts, batch.worker_id, batch.done) == ("running", 1, "elsewhere:1", 0)
+    assert not (batch_dir(settings, batch_id) / "chunks").exists()
+
+
+def test_a_worker_shutting_down_hands_the_batch_back(settings):  # type: ignore[no-untyped-def]
+    batch_id = queued_batch(settings)
+    SHUTDOWN.set()
+    try:
+        run_batch(batch_id)
+    finally:
+        SHUTDOWN.clear()
+    batch = row(batch_id)
+    assert (batch.status, batch.attempts, batch.worker_id, batch.enqueued_at) == ("queued", 1, None, None)
+    run_batch(batch_id)
+    assert (row(batch_id).status, row(batch_id).attempts) == ("succeeded", 2)
+
+
+def test_more_files_than_batch_max_images_fails_and_keeps_nothing(settings):  # type: ignore[no-untyped-def]
+    batch_id = queued_batch(settings, count=11)
+    run_batch(batch_id)
+    batch = row(batch_id)
+    assert (batch.status, batch.error_code, batch.done) == ("failed", "too_many_images", 0)
+    assert batch.error == ("the archive holds 11 files, over the 10 one batch may hold (TUNESERVE_BATCH_MAX_IMAGES); "
+                           "split it into several batches")
+    assert not batch_dir(settings, batch_id).exists()
+
+
+def test_a_corrupt_archive_fails_with_its_reason(settings):  # type: ignore[no-untyped-def]
+    batch_id = queued_batch(settings, content=b"PK\x03\x04" + b"\x00" * 64)
+    run_batch(batch_id)
+    batch = row(batch_id)
+    assert (batch.status, batch.error_code) == ("failed", "corrupt_archive")
+    assert not batch_dir(settings, batch_id).exists()
+
+
+def test_a_deleted_model_fails_the_batch(settings):  # type: ignore[no-untyped-def]
+    import shutil
+
+    from shared.storage import model_dir
+
+    batch_id = queued_batch(settings)
+    shutil.rmtree(model_dir(settings, row(batch_id).model_id))
+    run_batch(batch_id)
+    assert (row(batch_id).status, row(batch_id).error_code) == ("failed", "model_missing")
+
+
+def test_the_reaper_requeues_fails_or_cancels_batches_whose_worker_went_silent(settings):  # type: ignore[no-untyped-def]
+    silent = utcnow() - timedelta(seconds=settings.lease_timeout_seconds + 5)
+    requeue = queued_batch(settings, status="running", attempts=1, worker_id="dead:1", heartbeat_at=silent,
+                           enqueued_at=silent)
+    exhausted = queued_batch(settings, status="running", attempts=settings.job_max_attempts, worker_id="dead:1",
+                             heartbeat_at=silent)
+    cancelling = queued_batch(settings, status="cancelling", attempts=1, worker_id="dead:1", heartbeat_at=silent)
+    alive = queued_batch(settings, status="running", attempts=1, worker_id="live:1", heartbeat_at=utcnow())
+
+    assert sorted(reap_stale_batches(settings=settings)) == sorted([requeue, exhausted, cancelling])
+
+    batch = row(requeue)
+    assert (batch.status, batch.attempts, batch.worker_id, batch.enqueued_at) == ("queued", 1, None, None)
+    assert (batch_dir(settings, requeue) / "upload").exists()  # it resumes: its archive stays
+    batch = row(exhausted)
+    assert (batch.status, batch.error_code) == ("failed", "worker_lost")
+    assert row(cancelling).status == "cancelled"
+    assert not batch_dir(settings, exhausted).exists() and not batch_dir(settings, cancelling).exists()
+    assert row(alive).status == "running"
