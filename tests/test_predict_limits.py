@@ -71,6 +71,16 @@ def test_the_pixel_limit_is_per_request_and_leaves_pillows_process_wide_one_alon
     assert before == Image.MAX_IMAGE_PIXELS
 
 
+def test_an_image_past_pillows_own_bomb_limit_is_422_too_many_pixels_not_corrupt(make_client):
+    with make_client(TUNESERVE_MAX_IMAGE_PIXELS=str(10**9)) as client:
+        side = 13_500  # 182 megapixels: under our limit, over twice Pillow's process-wide MAX_IMAGE_PIXELS
+        refused = client.post("/v1/predict", files=[("file", ("huge.png", encoded(Image.new("1", (side, side)),
+                                                                                   "PNG")))])
+    assert (refused.status_code, refused.json()["code"]) == (422, "too_many_pixels")
+    assert refused.json()["detail"] == f"'huge.png' is over the {2 * Image.MAX_IMAGE_PIXELS} pixels the image " \
+        "decoder accepts"
+
+
 def test_fifty_photos_in_one_request_still_work(make_client):
     with make_client() as client:
         photo = jpeg_bytes(make_image("red", random.Random(0), 1200))
