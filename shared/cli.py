@@ -10,6 +10,7 @@ import shared.cli_client  # noqa: F401  (registers the client verbs)
 import shared.cli_groups  # noqa: F401  (registers models, batch and webhooks)
 import shared.cli_keys  # noqa: F401  (registers keys and projects)
 import shared.cli_server  # noqa: F401  (registers the server verbs)
+import shared.cli_weights  # noqa: F401  (registers weights download|list)
 from shared.cli_app import app
 
 

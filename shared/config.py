@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Tests only: gpus=N on a CPU worker runs N gloo processes instead of failing with not_enough_gpus.
     ddp_on_cpu: bool = False
     weights_dir: Path | None = None
+    # POST /v1/jobs answers 422 weights_unavailable when the weights are not where this process looks
+    # (TORCH_HOME, WEIGHTS_DIR). Turn off when workers run on hosts whose caches the API cannot see.
+    check_weights: bool = True
     cache_size: int = Field(256, ge=32, le=1024)
     min_images_per_class: int = Field(5, ge=1)
     max_archive_entries: int = Field(200_000, gt=0)

@@ -23,7 +23,8 @@ def to_public(job: Job, history: list[dict] | None = None) -> JobPublic:
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep,
                idempotency_key: IdempotencyKeyDep = None) -> JobPublic:
     job = jobs.create(session=session, body=body, idempotency_key=idempotency_key, principal=principal,
-                      max_active=settings.max_active_jobs_per_key)
+                      max_active=settings.max_active_jobs_per_key,
+                      weights_dir=settings.weights_path if settings.check_weights else None)
     return to_public(job, jobs.history(session=session, job_id=job.id))
 
 

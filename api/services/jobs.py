@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +19,7 @@ from shared.config import Settings
 from shared.jobstate import ACTIVE, FINAL, DatasetStatus, JobStatus, transition
 from shared.orm import Job, JobEpoch, Model, new_id
 from shared.storage import job_dir
+from shared.weights import missing_weights
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -25,7 +27,8 @@ def _request_hash(body: JobCreate) -> str:
 
 
 def create(*, session: Session, body: JobCreate, idempotency_key: str | None, principal: Principal,
-           max_active: int) -> Job:
+           max_active: int, weights_dir: Path | None = None) -> Job:
+    """``weights_dir``: check up front that a worker sharing this host's caches can load the weights."""
     digest = _request_hash(body)
     # Scoped by principal: another key's Idempotency-Key never finds (or reveals) this key's job.
     scoped_key = f"{principal.id}:{idempotency_key}" if idempotency_key else None
@@ -44,6 +47,9 @@ def create(*, session: Session, body: JobCreate, idempotency_key: str | None, pr
         raise ApiError(409, "dataset_not_ready",
                        f"dataset {dataset.id} is {dataset.status}"
                        + (f" ({dataset.error})" if dataset.error else "") + "; wait until it is ready")
+    missing = weights_dir and missing_weights(body.hyperparameters, weights_dir=weights_dir)
+    if missing:
+        raise ApiError(422, "weights_unavailable", missing)
     job = Job(id=new_id(), project=dataset.project, dataset_id=dataset.id, status=JobStatus.queued.value,
               hyperparameters=body.hyperparameters.model_dump(mode="json"), progress={}, attempts=0,
               idempotency_key=scoped_key, request_hash=digest, owner=principal.id)
