@@ -28,8 +28,7 @@ def open_upload(path: Path, filename: str, *, max_pixels: int, draft_side: int) 
         raise ApiError(415, "not_an_image", f"'{filename}' is not an image this service can read "
                        "(JPEG, PNG, WEBP, BMP, GIF or TIFF)") from exc
     except Image.DecompressionBombError as exc:  # Pillow's own process-wide backstop, when ours is set higher
-        raise ApiError(422, "too_many_pixels", f"'{filename}' is over the {Image.MAX_IMAGE_PIXELS * 2} pixels "
-                       "the image decoder accepts") from exc
+        raise ApiError(422, "too_many_pixels", f"'{filename}' is refused by the image decoder: {exc}") from exc
     except Exception as exc:  # whatever a malformed header makes a decoder raise, it is the file's fault
         raise ApiError(422, "corrupt_image", f"'{filename}' is corrupt or truncated: {exc}") from exc
     width, height = image.size
