@@ -17,8 +17,10 @@
 #            the package check and nvidia-smi in gpu.json, then imports the real modules (api.main,
 #            worker.training.engine, worker.ingest, ...) and, on cuda, runs a bf16 channels_last conv:
 #            any failure here stops the run (exit 2) before a minute of GPU time is spent on steps;
-#   train    bench/train.py: ours (bf16, channels_last, batch BATCH, from the uint8 cache), then the naive
-#            recipe (PIL per step, fp32, batch 32, NAIVE_WORKERS loader processes), EPOCHS epochs of IMAGES;
+#   train    bench/train.py: ours (bf16, channels_last, batch BATCH, from the uint8 cache: producer thread,
+#            pinned buffers + side-stream copies, device-side augmentation, fused AdamW, background checkpoint
+#            writes), then the naive recipe (PIL per step, fp32, batch 32, NAIVE_WORKERS loader processes), EPOCHS
+#            epochs of IMAGES, then the input path alone (no model: the most the loader can feed);
 #   infer    bench/infer.py: one forward pass at batch BATCH: ours eager, naive fp32;
 #   predict  bench/predict.py: POST /predict over HTTP at CONCURRENCY, `tuneserve api --workers N` for N in
 #            PREDICT_WORKERS (1,4; batching on): one process vs several batching into the one GPU;
@@ -35,7 +37,7 @@
 #   setup    pip ~30 small wheels 8 s, torch+CUDA init and nvidia-smi 8 s, imports 6 s   25    90 |      30   120
 #   train    20k JPEGs + cache 20 s (serial, ~1 ms/image), ours 2 x 14k images at         75   120 |      60   240
 #            ~3k img/s 10 s + evals and cudnn autotune 10 s, naive 28k at ~1.2k img/s
-#            (8 PIL workers) 25 s, imports 5 s
+#            (8 PIL workers) 25 s, imports 5 s, input path alone 28k at ~10k img/s 3 s
 #   infer    CUDA init 6 s, 2 rows x (INFER_SECONDS 5 s + warm-up) 14 s                 20    45 |      20    90
 #   predict  1 + 4 API processes 20 s, warm-up 8 s, 2 modes x PREDICT_SECONDS 8 s,      50    80 |      60   120
 #            stop 5 s
@@ -162,7 +164,7 @@ EOF
 export -f setup
 
 train() {
-  "$PYTHON" bench/train.py --step train --only ours,naive --device "$DEVICE" --base-model "$BASE_MODEL" \
+  "$PYTHON" bench/train.py --step train --only ours,naive,loader --device "$DEVICE" --base-model "$BASE_MODEL" \
     --images "$GPU_BENCH_IMAGES" --jpeg-size "$JPEG_SIZE" --image-size "$IMAGE_SIZE" --batch-size "$BATCH" \
     --epochs "$EPOCHS" --naive-workers "$NAIVE_WORKERS" --data-dir "$DATA_DIR"
 }

@@ -154,6 +154,29 @@ def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, fe
             "accuracy": result.test["accuracy"]}
 
 
+def input_pipeline(data: Any, splits: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """The input path alone, no model: producer thread (gather into reusable, pinned on CUDA, buffers; copy on a
+    side stream), then crop/flip/normalise on the device. What it sustains is the most training could reach."""
+    from worker.training.data import prepare_batch
+    from worker.training.loader import BatchProducer, plan_batches
+
+    device = torch.device(args.device)
+    train = np.flatnonzero(splits == TRAIN)
+    generator = torch.Generator(device=device).manual_seed(0)
+    started = time.perf_counter()
+    seen, out = 0, torch.zeros(())
+    for epoch in range(args.epochs):
+        order = np.random.default_rng(epoch).permutation(train)
+        with BatchProducer(data, plan_batches(order, args.batch_size, pad=True), device=device) as batches:
+            for raw, labels in batches:
+                out = prepare_batch(raw, image_size=args.image_size, train=True, augment="basic",
+                                    generator=generator, channels_last=True)
+                seen += len(labels)
+    out.sum().item()  # wait for the device before reading the clock
+    wall = time.perf_counter() - started
+    return {"images_per_second": seen / wall, "wall": wall, "accuracy": float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
@@ -166,7 +189,8 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true", 
                         help="also run ours with bf16 autocast, and without channels_last")
     parser.add_argument("--only", default="naive,ours,probe",
-                        help="rows to run, of naive, ours, compiled (ours with torch.compile), probe")
+                        help="rows to run, of naive, ours, compiled (ours with torch.compile), loader (the input "
+                        "path alone, no model), probe")
     parser.add_argument("--jpeg-size", type=int, help="side of the generated JPEGs (default image size + 1/8)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--data-dir", type=Path, help="keep the generated JPEGs and cache here, and reuse them "
@@ -208,9 +232,11 @@ def main() -> None:
                      accuracy=round(row["accuracy"], 3), **extra)
 
         target = {"target": 5000} if args.device == "cuda" and args.image_size == 224 else {}
-        for run in [run for run in args.only.split(",") if run in ("naive", "ours", "compiled")]:  # in that order
+        for run in [run for run in args.only.split(",") if run in ("naive", "ours", "compiled", "loader")]:
             if run == "naive":
                 add("(a) naive: PIL per step, fp32, NCHW, Adam 1e-4, b32", naive(files, splits, args))
+            elif run == "loader":
+                add("(l) input path alone: producer + device crop/flip (basic)", input_pipeline(data, splits, args))
             elif run == "ours":
                 add("(b) ours, defaults, from the uint8 cache", ours(data, splits, root / "b", args,
                                                                      label="(b) ours"), **target)
