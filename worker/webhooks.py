@@ -105,7 +105,7 @@ def resolve(url: str, *, allow_private: bool) -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise Refused(f"cannot resolve {host}: {exc.strerror}") from exc
-    addresses = [info[4][0] for info in infos]
+    addresses = [str(info[4][0]) for info in infos]
     if not allow_private:
         blocked = [a for a in addresses if not _allowed(a)]
         if blocked:  # any one is enough: the connection could land on it
