@@ -23,7 +23,7 @@ from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
 from tests.conftest import wait_for
 from tests.helpers import job_row, project_row, ready_dataset
 from tests.webhook_receiver import receiving, verify
-from worker.webhooks import deliver_due
+from worker.webhooks import Refused, deliver_due, resolve
 
 SECRET = "s3cret-for-tests-0123"
 FAST = {"TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_BACKOFF_SECONDS": "0.05",
@@ -320,3 +320,15 @@ def test_delivery_works_on_the_embedded_sqlite_backend(env_for):  # type: ignore
         assert deliver_due(settings=get_settings()) == 1
         [got] = receiver.requests
         assert (got.answered, got.payload["type"], got.payload["data"]["id"]) == (200, "job.cancelled", job_id)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+                                  "[::1]", "[::ffff:127.0.0.1]", "[fe80::1]", "[fd00::1]", "224.0.0.1"])
+def test_non_global_addresses_are_refused_at_delivery_time(host: str):
+    with pytest.raises(Refused, match="TUNESERVE_WEBHOOK_ALLOW_PRIVATE"):
+        resolve(f"http://{host}:8080/hook", allow_private=False)
+    assert resolve(f"http://{host}:8080/hook", allow_private=True) == host.strip("[]")
+
+
+def test_a_public_address_is_delivered_to_as_resolved():
+    assert resolve("https://93.184.215.14/hook", allow_private=False) == "93.184.215.14"
