@@ -244,6 +244,7 @@ HOSTILE = {
         {"json": {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
                   "outputs": [{"name": "LOGITS"}]}}, "unknown_output"),
     "not JSON": ({"content": b"\x00not json"}, "invalid_inference_request"),
+    "JSON nested too deeply": ({"content": b"[" * 100_000}, "invalid_inference_request"),
 }
 
 

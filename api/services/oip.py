@@ -36,8 +36,9 @@ INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "PROBABILITIES"
 DATATYPES = ("BYTES", "UINT8", "FP32")
 ITEM_BYTES = {"UINT8": 1, "FP32": 4}
-# A JSON header larger than this is not a header; the tensors belong in the binary part.
-MAX_HEADER_BYTES = 64 * 1024
+# Parsed JSON numbers cost about 30 bytes each: 4 MiB of JSON is at most ~2M numbers (~64 MB) while it is
+# turned into a tensor. Larger tensors go as binary data, which is used in place.
+MAX_HEADER_BYTES = 4 * 2**20
 # Integers shapes may use; anything larger is a claim no request can back with bytes.
 MAX_DIM = 2**31
 
@@ -97,10 +98,12 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
                       "bytes; it must be the length of the JSON header that starts the body")
         json_part, binary = body[:int(header_length)], body[int(header_length):]
     if len(json_part) > MAX_HEADER_BYTES:
-        raise bad(f"the JSON header is {len(json_part)} bytes, over {MAX_HEADER_BYTES // 1024} KiB; send tensor "
+        raise bad(f"the JSON part is {len(json_part)} bytes, over {MAX_HEADER_BYTES // 2**20} MiB; send tensor "
                   "data as binary (the binary tensor data extension)")
     try:
         header = json.loads(json_part)
+    except RecursionError:
+        raise bad("the request's JSON is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"the request is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
