@@ -9,7 +9,7 @@ from typing import get_args
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from api.routes.jobs import to_public
 from api.schemas import BatchPredictionPublic, DatasetPublic, WebhookEventType
@@ -23,7 +23,7 @@ from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
 from tests.conftest import wait_for
 from tests.helpers import job_row, project_row, ready_dataset
 from tests.webhook_receiver import receiving, verify
-from worker.webhooks import Refused, deliver_due, resolve
+from worker.webhooks import Refused, claim, deliver_due, finish, resolve
 
 SECRET = "s3cret-for-tests-0123"
 FAST = {"TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_BACKOFF_SECONDS": "0.05",
@@ -297,6 +297,24 @@ def test_concurrent_senders_deliver_each_event_exactly_once(make_app: Callable[.
         with session_scope() as session:
             statuses = session.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status))
             assert dict(statuses.all()) == {"delivered": 20}
+
+
+def test_a_sender_that_died_holding_a_delivery_loses_it_when_its_lease_expires(make_app: Callable[..., TestClient]):
+    with receiving(SECRET) as receiver, make_app(**FAST) as client:
+        created = hook(client, receiver.url)
+        cancel_queued_job()
+        settings = get_settings()
+        dead = claim(settings=settings)  # a sender that claimed the delivery, then was SIGKILLed
+        assert dead is not None
+        assert deliver_due(settings=settings) == 0  # held: nobody else sends it meanwhile
+        with session_scope() as session:
+            session.execute(WebhookDelivery.__table__.update().values(lease_until=func.now() - text("interval '1 s'")))
+        assert deliver_due(settings=settings) == 1
+        # The dead sender's late answer (its process was only frozen) cannot undo the recorded delivery.
+        assert finish(claimed=dead, status_code=500, error="late", settings=settings) is None
+        [logged] = deliveries(client, created["id"])
+        assert (logged["status"], logged["attempts"], logged["last_status_code"]) == ("delivered", 1, 200)
+        assert list(receiver.accepted().values()) == [1]
 
 
 def test_deleting_a_hook_drops_its_pending_deliveries(make_app: Callable[..., TestClient]):

@@ -136,8 +136,9 @@ def post(*, url: str, secret: str, event_id: str, body: str, settings: Settings)
         return response.status_code
 
 
-def finish(*, claimed: Claimed, status_code: int | None, error: str | None, settings: Settings) -> str:
-    """Record one attempt under our lease; returns the delivery's new status."""
+def finish(*, claimed: Claimed, status_code: int | None, error: str | None, settings: Settings) -> str | None:
+    """Record one attempt under our lease; returns the delivery's new status, or None when the lease
+    was lost meanwhile (it expired and another sender took the delivery): then nothing changes."""
     attempts = claimed.attempts + 1
     now = utcnow()
     values: dict[str, object] = {"attempts": attempts, "last_status_code": status_code,
@@ -153,10 +154,10 @@ def finish(*, claimed: Claimed, status_code: int | None, error: str | None, sett
         status = "pending"
         next_at = now + timedelta(seconds=backoff_seconds(attempts=attempts, settings=settings))
     with session_scope() as session:
-        session.execute(update(WebhookDelivery).where(
+        recorded = session.execute(update(WebhookDelivery).where(
             WebhookDelivery.id == claimed.id, WebhookDelivery.leased_by == claimed.lease
-        ).values(status=status, next_attempt_at=next_at, **values))
-    return status
+        ).values(status=status, next_attempt_at=next_at, **values)).rowcount == 1
+    return status if recorded else None
 
 
 def deliver_one(*, settings: Settings) -> str | None:
@@ -174,7 +175,7 @@ def deliver_one(*, settings: Settings) -> str | None:
         error = str(exc)
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    status = finish(claimed=claimed, status_code=status_code, error=error, settings=settings)
+    status = finish(claimed=claimed, status_code=status_code, error=error, settings=settings) or "lease_lost"
     if status != "delivered":
         log.info("webhook delivery %s of event %s: %s (%s)", claimed.id, claimed.event_id, status, error)
     return status
