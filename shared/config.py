@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     webhook_backoff_max_seconds: float = Field(3600.0, gt=0)
     webhook_poll_seconds: float = Field(1.0, gt=0)
     webhook_allow_private: bool = False
+    # Events whose deliveries all finished (delivered or failed) are removed after this long.
+    webhook_retention_days: float = Field(30.0, gt=0)
 
     @field_validator("data_dir", mode="after")
     @classmethod

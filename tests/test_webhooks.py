@@ -23,7 +23,7 @@ from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
 from tests.conftest import wait_for
 from tests.helpers import job_row, project_row, ready_dataset
 from tests.webhook_receiver import receiving, verify
-from worker.webhooks import Refused, claim, deliver_due, finish, resolve
+from worker.webhooks import Refused, claim, deliver_due, finish, prune, resolve
 
 SECRET = "s3cret-for-tests-0123"
 FAST = {"TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_BACKOFF_SECONDS": "0.05",
@@ -315,6 +315,21 @@ def test_a_sender_that_died_holding_a_delivery_loses_it_when_its_lease_expires(m
         [logged] = deliveries(client, created["id"])
         assert (logged["status"], logged["attempts"], logged["last_status_code"]) == ("delivered", 1, 200)
         assert list(receiver.accepted().values()) == [1]
+
+
+def test_old_events_go_once_none_of_their_deliveries_is_pending(make_app: Callable[..., TestClient]):
+    with make_app(TUNESERVE_WEBHOOK_RETENTION_DAYS="1") as client:
+        created = hook(client, "https://example.com/h")
+        old_done, old_pending, recent_done = (cancel_queued_job() for _ in range(3))
+        with session_scope() as session:
+            events = dict(session.execute(select(WebhookEvent.resource_id, WebhookEvent.id)).all())
+            for job_id in (old_done, old_pending):
+                session.execute(WebhookEvent.__table__.update().where(WebhookEvent.id == events[job_id])
+                                .values(created_at=func.now() - text("interval '2 days'")))
+            session.execute(WebhookDelivery.__table__.update().where(WebhookDelivery.event_id.in_(
+                [events[old_done], events[recent_done]])).values(status="delivered"))
+        assert prune(settings=get_settings()) == 1
+        assert {d["event_id"] for d in deliveries(client, created["id"])} == {events[old_pending], events[recent_done]}
 
 
 def test_deleting_a_hook_drops_its_pending_deliveries(make_app: Callable[..., TestClient]):

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 
 from shared.config import Settings, get_settings
 from shared.db import session_scope
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RESPONSE_READ_BYTES = 64 * 1024
 ERROR_CHARS = 500
 SENDERS = 4  # deliveries in flight per worker: one slow receiver does not hold up every other hook
+PRUNE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,17 @@ def deliver_due(*, settings: Settings, stop: threading.Event | None = None) -> i
     return made
 
 
+def prune(*, settings: Settings) -> int:
+    """Remove events older than WEBHOOK_RETENTION_DAYS with no delivery still pending (their delivery
+    rows go with them); returns how many events went."""
+    cutoff = utcnow() - timedelta(days=settings.webhook_retention_days)
+    pending = select(WebhookDelivery.id).where(WebhookDelivery.event_id == WebhookEvent.id,
+                                               WebhookDelivery.status == "pending")
+    with session_scope() as session:
+        return session.execute(delete(WebhookEvent).where(WebhookEvent.created_at < cutoff, ~pending.exists())
+                               ).rowcount
+
+
 def start_sender(settings: Settings | None = None, *, shutdown: threading.Event | None = None) -> threading.Event:
     """``SENDERS`` daemon threads that deliver what is due every ``webhook_poll_seconds``; set the returned
     event (or ``shutdown``) to stop them between deliveries."""
@@ -198,13 +210,17 @@ def start_sender(settings: Settings | None = None, *, shutdown: threading.Event 
     stop = threading.Event()
     leaving = shutdown or threading.Event()
 
-    def loop() -> None:
+    def loop(prunes: bool) -> None:
+        pruned = 0.0
         while not stop.wait(settings.webhook_poll_seconds) and not leaving.is_set():
             try:
                 deliver_due(settings=settings, stop=leaving)
+                if prunes and time.monotonic() - pruned >= PRUNE_SECONDS:
+                    pruned = time.monotonic()
+                    prune(settings=settings)
             except Exception:
                 log.warning("webhook delivery pass failed; retrying next interval", exc_info=True)
 
     for number in range(SENDERS):
-        threading.Thread(target=loop, name=f"webhooks-{number}", daemon=True).start()
+        threading.Thread(target=loop, args=(number == 0,), name=f"webhooks-{number}", daemon=True).start()
     return stop
