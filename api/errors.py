@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +130,33 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db(request: Request, exc: DBAPIError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.__class__.__name__)
         return problem_response(request, 503, DB_UNAVAILABLE["code"], DB_UNAVAILABLE["detail"], {"Retry-After": "5"})
+
+
+class InternalErrorMiddleware:
+    """An exception no handler took becomes a 500 problem naming the request id, and its traceback is logged
+    under that id. (Starlette's own last resort sits outside the request-id middleware and answers plain text.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # too late for another answer: the server closes the connection
+                raise
+            log.exception("unhandled error answering %s %s", scope.get("method"), scope.get("path"))
+            body = problem(500, "internal_error", "the server failed to answer this request; the error is logged "
+                           "under this request's id (instance)", path=scope.get("path", ""))
+            payload = JSONResponse(body, status_code=500, media_type=PROBLEM_JSON)
+            await payload(scope, receive, send)

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from api import observability
-from api.errors import ERROR_RESPONSES, install_error_handlers
+from api.errors import ERROR_RESPONSES, InternalErrorMiddleware, install_error_handlers
 from api.guard import GuardMiddleware
 from api.location import LocationMiddleware
 from api.predictor import Predictor
@@ -48,6 +48,7 @@ def create_app() -> FastAPI:
     ui.install_ui(app)
     app.add_middleware(LocationMiddleware)
     app.add_middleware(GuardMiddleware)
+    app.add_middleware(InternalErrorMiddleware)  # inside the request id, outside everything else
     app.add_middleware(observability.ObservabilityMiddleware)
     return app
 

@@ -35,7 +35,7 @@ CREATED: dict[tuple[str, str], Callable[[TestClient, Path], Any]] = {
     ("POST", "/v1/projects"): lambda c, _: c.post("/v1/projects", json={"name": "gamma"}, headers=AUTH),
     ("POST", "/v1/keys"): lambda c, _: c.post("/v1/keys", json={"name": "ci", "role": "admin"}, headers=AUTH),
     ("POST", "/v1/datasets"): lambda c, tmp: c.post("/v1/datasets", headers=AUTH, files={"file": (
-        "a.zip", make_zip(tmp / "a.zip", classes=["red", "blue"], per_class=2, size=32).read_bytes(), "application/zip")}),
+        "a.zip", make_zip(tmp / "a.zip", classes=["red", "blue"], per_class=2, size=32).read_bytes())}),
     ("POST", "/v1/jobs"): lambda c, _: c.post("/v1/jobs", json={"dataset_id": ready_dataset()}, headers=AUTH),
     ("POST", "/v1/jobs/{job_id}/cancel"): lambda c, _: c.post(f"/v1/jobs/{job_row(ready_dataset())}/cancel",
                                                               headers=AUTH),
@@ -112,6 +112,22 @@ def test_errors_are_rfc9457_problems_with_our_code(client: TestClient, case: str
     assert set(body) >= PROBLEM_FIELDS and "error" not in body  # "error" is only for /v2 (OIP) clients
     assert (body["status"], body["code"], body["type"]) == (status, code, f"urn:tuneserve:error:{code}")
     assert body["instance"] == answer.headers["x-request-id"] and body["title"] and body["detail"]
+
+
+def test_an_unhandled_error_is_a_500_problem_naming_the_request(make_app: Callable[..., TestClient]):
+    client = make_app()
+
+    @client.app.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with client:
+        answer = client.get("/v1/boom", headers={"X-Request-ID": "req-500"})
+
+    assert (answer.status_code, answer.headers["content-type"]) == (500, "application/problem+json")
+    body = answer.json()
+    assert (body["code"], body["status"], body["instance"]) == ("internal_error", 500, "req-500")
+    assert "a bug" not in answer.text  # the exception stays in the server's log
 
 
 def test_the_schema_has_a_bearer_scheme_readable_operation_ids_and_problem_errors(client: TestClient):
