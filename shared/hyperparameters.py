@@ -18,11 +18,19 @@ CLASSIC_RECIPE: dict[str, object] = {
 }
 
 
+Auto = Literal["auto"]
+Fraction = Annotated[float, Field(ge=0, lt=0.5)]
+
+
 class Hyperparameters(BaseModel):
-    """Defaults are the modern fine-tuning recipe and scale with the epochs the user sets: AdamW at 1e-3
-    for the head with the pretrained backbone at 0.1x (discriminative lr), weight decay 0.05 (none on
-    norms and biases), cosine decay after a warmup of min(1, epochs / 10) epochs, label smoothing 0.1,
-    random-resized-crop + flip, mixed precision where the hardware has it, channels_last.
+    """Defaults are chosen per run by the worker from the dataset, the device and what the user set
+    (``auto``; worker/training/auto.py resolves them and the job records the values used): the batch size
+    from the number of training images (enough optimizer steps per epoch), the learning rate from the
+    optimizer and batch size, the augmentation from the weights and epochs, held-out splits sized for
+    small classes, weight averaging (EMA) and BatchNorm recalibration for short runs, bf16 on CPUs that
+    have it. Fixed defaults: AdamW with the pretrained backbone at 0.1x the head's lr, weight decay 0.05
+    (none on norms and biases), cosine decay after a warmup of min(1, epochs / 10) epochs, label smoothing
+    0.1, channels_last.
 
     The classic recipe is one request away (``CLASSIC_RECIPE``): ``{"optimizer": "adam",
     "learning_rate": 1e-4, "backbone_lr_factor": 1.0, "weight_decay": 0, "lr_schedule": "constant",
@@ -36,8 +44,8 @@ class Hyperparameters(BaseModel):
     base_model: Literal["resnet50", "resnet18", "resnet34", "resnet101"] = "resnet50"
     weights: str = Field("imagenet", max_length=255)
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(1e-3, gt=0, le=10)
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    learning_rate: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
     backbone_lr_factor: float = Field(0.1, ge=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.05, ge=0, le=1)
@@ -48,7 +56,8 @@ class Hyperparameters(BaseModel):
     head: Literal["mlp", "linear"] = "mlp"
     dropout: float = Field(0.2, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    augment: Literal["none", "basic", "strong"] = "basic"
+    # flip: horizontal flips only; basic: random-resized-crop + flip; strong: + colour jitter and erasing.
+    augment: Literal["auto", "none", "flip", "basic", "strong"] = "auto"
     mixup: float = Field(0.0, ge=0, le=10)
     cutmix: float = Field(0.0, ge=0, le=10)
     mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"
@@ -56,8 +65,13 @@ class Hyperparameters(BaseModel):
     compile: Literal["auto", "on", "off"] = "auto"
     early_stopping_patience: int | None = Field(None, ge=1, le=1000)
     class_weighting: Literal["none", "balanced"] = "none"
-    val_fraction: float = Field(0.15, ge=0, lt=0.5)
-    test_fraction: float = Field(0.15, ge=0, lt=0.5)
+    # auto: 15% each of a class with 60+ images, down to 8% (at least one image) for small classes.
+    val_fraction: Fraction | Auto = "auto"
+    test_fraction: Fraction | Auto = "auto"
+    # Exponential moving average of the weights, evaluated beside the raw weights every epoch.
+    ema: Literal["auto", "on", "off"] = "auto"
+    # Re-estimate BatchNorm running statistics on training images before each evaluation.
+    recalibrate_bn: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_minutes: float | None = Field(None, gt=0, le=60 * 24 * 14)
     # DistributedDataParallel over this many GPUs of the worker's host. batch_size is per GPU: one step
@@ -86,7 +100,8 @@ class Hyperparameters(BaseModel):
 
     @model_validator(mode="after")
     def _fractions(self) -> "Hyperparameters":
-        if self.val_fraction + self.test_fraction >= 0.8:
+        if isinstance(self.val_fraction, float) and isinstance(self.test_fraction, float) and (
+                self.val_fraction + self.test_fraction >= 0.8):
             raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
         return self
 

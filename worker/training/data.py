@@ -53,8 +53,16 @@ def _carve(indices: np.ndarray, fraction: float, rng: np.random.Generator) -> tu
     return shuffled[count:], shuffled[:count]
 
 
+def held_out_fraction(setting: float | str, class_count: int) -> float:
+    """``auto``: 15% of a class with 60 or more images, shrinking to 8% at 20 or fewer, so that a class of
+    two dozen images keeps 20 of them for training (and still gives one or two to each held-out split)."""
+    if setting != "auto":
+        return float(setting)
+    return 0.15 - 0.07 * (1.0 - min(1.0, max(0.0, (class_count - 20) / 40)))
+
+
 def make_splits(
-    *, labels: np.ndarray, preset: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+    *, labels: np.ndarray, preset: np.ndarray, val_fraction: float | str, test_fraction: float | str, seed: int
 ) -> np.ndarray:
     """Stratified split codes per image; keeps the splits the dataset came with where it has them."""
     rng = np.random.default_rng(seed)
@@ -67,13 +75,15 @@ def make_splits(
                 continue
             for cls in np.unique(labels):
                 pool = np.flatnonzero((splits == TRAIN) & (labels == cls))
-                _, taken = _carve(pool, fraction, rng)
+                _, taken = _carve(pool, held_out_fraction(fraction, len(pool)), rng)
                 splits[taken] = code
         return splits
     for cls in np.unique(labels):
         pool = np.flatnonzero(labels == cls)
-        rest, test = _carve(pool, test_fraction, rng)
-        _, val = _carve(rest, val_fraction / max(1e-9, 1 - test_fraction), rng)
+        test_share = held_out_fraction(test_fraction, len(pool))
+        val_share = held_out_fraction(val_fraction, len(pool))
+        rest, test = _carve(pool, test_share, rng)
+        _, val = _carve(rest, val_share / max(1e-9, 1 - test_share), rng)
         splits[test] = TEST
         splits[val] = VAL
     return splits
@@ -82,7 +92,7 @@ def make_splits(
 def stored_splits(*, splits_dir: Path, data: CachedDataset, hp: Hyperparameters) -> np.ndarray:
     """The split for this dataset + seed + fractions, made once and kept on disk so that the same images
     are always the test set, whichever job, worker or library version asks later."""
-    path = splits_dir / f"seed{hp.seed}-val{hp.val_fraction:g}-test{hp.test_fraction:g}.npy"
+    path = splits_dir / f"seed{hp.seed}-val{hp.val_fraction}-test{hp.test_fraction}.npy"
     if path.is_file():
         return np.load(path)
     splits = make_splits(labels=data.labels, preset=data.preset_splits, val_fraction=hp.val_fraction,
@@ -149,15 +159,16 @@ def prepare_batch(
     """uint8 NHWC batch on the target device -> normalised float NCHW model input."""
     batch = images.permute(0, 3, 1, 2)
     count, side = batch.shape[0], batch.shape[-1]
-    if train and augment != "none":
+    if train and augment in ("basic", "strong"):
         boxes = random_boxes(count, side, generator, scale=(0.08, 1.0) if augment == "strong" else (0.25, 1.0))
         out = crop_resize(batch, boxes, image_size)
+    else:
+        out = crop_resize(batch, center_boxes(count, side, image_size, batch.device), image_size)
+    if train and augment != "none":
         flip = (torch.rand(count, generator=generator, device=generator.device) < 0.5).to(out.device)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
         if augment == "strong":
             out = _strong(out, generator)
-    else:
-        out = crop_resize(batch, center_boxes(count, side, image_size, batch.device), image_size)
     out = normalize_batch(out)
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

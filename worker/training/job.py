@@ -20,11 +20,12 @@ from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable, res
 from shared.orm import Dataset, Job, JobEpoch, Model, new_id, utcnow
 from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, redact_paths
 from worker.reliability import SHUTDOWN
+from worker.training.auto import resolve
 from worker.training.data import load_cache, stored_splits
 from worker.training.distributed import NotEnoughGpus, fit_distributed, process_count
 from worker.training.engine import fit
 from worker.training.misclassified import write_thumbnails
-from worker.training.optim import resolve_device
+from worker.training.optim import compile_pays_off, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,9 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
     data = load_cache(dataset_cache(settings, job.dataset_id))
     splits = stored_splits(splits_dir=dataset_dir(settings, job.dataset_id) / "splits", data=data, hp=hp)
     device = resolve_device(settings.device)
-    steps = hp.epochs * max(1, int((splits == 0).sum()) // hp.batch_size)
-    compile_model = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda" and steps >= 2000)
+    train_count = int((splits == 0).sum())
+    compile_model = compile_pays_off(hp=resolve(hp, train_count=train_count, device=device), device=device,
+                                     train_images=train_count)
     work = job_dir(settings, job.id)
     work.mkdir(parents=True, exist_ok=True)
     world = process_count(hp, device, allow_cpu=settings.ddp_on_cpu)
@@ -171,12 +173,15 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
         return
     model_id = new_id()
     metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,
-               "stopped": result.stopped, "epochs_run": len(result.history), "calibration": result.calibration}
+               "stopped": result.stopped, "epochs_run": len(result.history), "calibration": result.calibration,
+               # What each ``auto`` became, to pin in the next request.
+               "hyperparameters": {key: value for key, value in result.hp.model_dump().items()
+                                   if hp.model_dump()[key] == "auto"}}
     meta = {
         "model_id": model_id, "job_id": job.id, "dataset_id": job.dataset_id, "base_model": hp.base_model,
         "head": hp.head, "dropout": hp.dropout, "classes": data.classes, "image_size": hp.image_size,
         "resize_size": resize_size_for(hp.image_size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "hyperparameters": hp.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat(),
+        "hyperparameters": result.hp.model_dump(), "metrics": metrics, "created_at": utcnow().isoformat(),
         # The predictor divides logits by it; without it (older models) scores are the raw softmax.
         "temperature": result.calibration.get("temperature", 1.0),
     }

@@ -1,0 +1,67 @@
+"""``auto`` hyperparameters made concrete for one run, from the data, the device and what the user set.
+
+Every rule here was chosen by measurement on real data (bench/quality.py); the job records the values
+it used, so a user can pin any of them in the next request.
+"""
+
+import math
+
+import torch
+
+from shared.hyperparameters import Hyperparameters
+
+# Fewer optimizer steps than this per epoch and a short run never leaves the warm-up; a batch smaller
+# than MIN_BATCH gives BatchNorm too few images for its statistics.
+STEPS_PER_EPOCH = 25
+MIN_BATCH = 8
+MAX_BATCH = {"cpu": 64, "cuda": 256}
+BASE_BATCH = 32
+BASE_LR = {"adamw": 2e-3, "adam": 2e-3, "sgd": 0.1}
+# Short from-scratch runs: random crops cost more than they teach before the network has features.
+CROP_EPOCHS = 10
+# BatchNorm statistics with momentum 0.1 lag the weights until the run has this many steps.
+RECALIBRATE_STEPS = 3000
+
+
+def _power_of_two_floor(value: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(value, 1)))))
+
+
+def auto_batch_size(train_count: int, device: torch.device) -> int:
+    cap = MAX_BATCH.get(device.type, MAX_BATCH["cpu"])
+    return max(MIN_BATCH, min(cap, _power_of_two_floor(train_count / STEPS_PER_EPOCH)))
+
+
+def auto_learning_rate(hp: Hyperparameters, batch_size: int) -> float:
+    """Square-root scaling with the batch for the Adam family, linear for SGD (Goyal et al.)."""
+    if hp.optimizer == "sgd":
+        return BASE_LR["sgd"] * batch_size / 256
+    base = BASE_LR[hp.optimizer] if hp.weights == "none" else BASE_LR[hp.optimizer] / 2
+    return base * math.sqrt(batch_size / BASE_BATCH)
+
+
+def auto_augment(hp: Hyperparameters) -> str:
+    return "basic" if hp.weights != "none" or hp.epochs >= CROP_EPOCHS else "flip"
+
+
+def resolve(hp: Hyperparameters, *, train_count: int, device: torch.device) -> Hyperparameters:
+    """A copy of ``hp`` with no ``auto`` left but the split fractions (data.make_splits sizes those per
+    class, before the training set exists) and ``mixed_precision`` (optim.amp_dtype, per device)."""
+    batch_size = hp.batch_size if isinstance(hp.batch_size, int) else auto_batch_size(train_count, device)
+    steps = hp.epochs * max(1, train_count // batch_size)
+    return hp.model_copy(update={
+        "batch_size": batch_size,
+        "learning_rate": auto_learning_rate(hp, batch_size) if hp.learning_rate == "auto"
+        else float(hp.learning_rate),
+        "augment": auto_augment(hp) if hp.augment == "auto" else hp.augment,
+        "ema": hp.ema if hp.ema != "auto" else "on",
+        "recalibrate_bn": hp.recalibrate_bn if hp.recalibrate_bn != "auto"
+        else ("on" if steps < RECALIBRATE_STEPS else "off"),
+    })
+
+
+def batch_size_of(hp: Hyperparameters) -> int:
+    """The batch size of a resolved run (``resolve`` has replaced ``auto``)."""
+    if not isinstance(hp.batch_size, int):
+        raise ValueError("batch_size is still 'auto': resolve() the hyperparameters first")
+    return hp.batch_size
