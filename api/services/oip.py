@@ -315,7 +315,7 @@ def response(*, request: InferRequest, probs: Any, classes: list[str], model_nam
             strings = [f"{s:f}:{i}:{classes[i]}" for row_s, row_i in zip(scores.tolist(), indices.tolist(),
                                                                         strict=True)
                        for s, i in zip(row_s, row_i, strict=True)]
-            entry = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(probs), k]}
+            entry: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [len(probs), k]}
             raw = _bytes_tensor(strings) if output.binary else None
             data: list[Any] = strings
         else:
