@@ -94,10 +94,16 @@ def service(migrated, start_service) -> Service:  # type: ignore[no-untyped-def]
     return start_service({**migrated, **FAST_RECOVERY})
 
 
-def test_an_archive_gives_one_row_per_file_with_sorted_top_k_or_the_reason(service: Service):
+def test_an_archive_or_a_dataset_gives_one_row_per_file_with_sorted_top_k_or_the_reason(service: Service):
     model_id = publish_model()
     content, files = mixed_archive()
+    dataset_id = ready_dataset()
+    upload = dataset_upload(get_settings(), dataset_id)
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    upload.write_bytes(content)
     with service.client() as client:
+        by_id = client.post(URL, json={"dataset_id": dataset_id, "top_k": 1})
+        assert by_id.status_code == 202, by_id.text
         created = client.post(URL, files={"file": ("mixed.zip", content)}, data={"top_k": "2"})
         assert created.status_code == 202, created.text
         batch_id = created.json()["id"]
@@ -107,6 +113,10 @@ def test_an_archive_gives_one_row_per_file_with_sorted_top_k_or_the_reason(servi
         assert (final["attempts"], final["model_id"], final["top_k"]) == (1, model_id, 2)
         rows = [json.loads(line) for line in client.get(f"{URL}/{batch_id}/results?format=jsonl").text.splitlines()]
         table = list(csv.reader(io.StringIO(client.get(f"{URL}/{batch_id}/results?format=csv").text)))
+        from_dataset = wait_status(client, by_id.json()["id"], {"succeeded", "failed"})
+        assert from_dataset["status"] == "succeeded", from_dataset
+        dataset_rows = [json.loads(line) for line in
+                        client.get(f"{URL}/{by_id.json()['id']}/results?format=jsonl").text.splitlines()]
 
     assert [(r["filename"], r.get("rejected")) for r in rows] == files
     for row in rows:
@@ -133,25 +143,10 @@ def test_an_archive_gives_one_row_per_file_with_sorted_top_k_or_the_reason(servi
     # Only the results are kept: the upload and the chunks went when the batch succeeded.
     folder = get_settings().data_dir / "batches" / batch_id
     assert sorted(p.name for p in folder.iterdir()) == ["results.csv", "results.jsonl"]
-
-
-def test_a_ready_datasets_images_by_id(service: Service):
-    publish_model()
-    content, files = mixed_archive()
-    dataset_id = ready_dataset()
-    path = dataset_upload(get_settings(), dataset_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    with service.client() as client:
-        created = client.post(URL, json={"dataset_id": dataset_id, "top_k": 1})
-        assert created.status_code == 202, created.text
-        final = wait_status(client, created.json()["id"], {"succeeded", "failed"})
-        assert final["status"] == "succeeded", final
-        text = client.get(f"{URL}/{final['id']}/results?format=jsonl").text
-    rows = [json.loads(line) for line in text.splitlines()]
-    assert [r["filename"] for r in rows] == [name for name, _ in files]
-    assert all(len(r["top"]) == 1 for r in rows if "rejected" not in r)
-    assert path.read_bytes() == content  # the dataset keeps its upload
+    # The same files read from a ready dataset's upload, which the dataset keeps.
+    assert [(r["filename"], r.get("rejected")) for r in dataset_rows] == files
+    assert [r["top"][:1] for r in dataset_rows if "top" in r] == [r["top"][:1] for r in rows if "top" in r]
+    assert upload.read_bytes() == content
 
 
 def slow_model() -> str:
@@ -162,14 +157,14 @@ def slow_model() -> str:
 def test_cancelling_a_running_batch_stops_it_and_removes_its_files(service: Service):
     model_id = slow_model()
     with service.client() as client:
-        batch_id = client.post(URL, files={"file": ("big.zip", big_archive(240))},
+        batch_id = client.post(URL, files={"file": ("big.zip", big_archive(120))},
                                data={"model_id": model_id}).json()["id"]
         wait_for(lambda: batch(client, batch_id)["progress"]["done"] >= 4, 120, interval=0.1, what="a chunk")
         response = client.post(f"{URL}/{batch_id}/cancel")
         assert response.status_code == 202 and response.json()["status"] in ("cancelling", "cancelled")
         final = wait_status(client, batch_id, {"cancelled", "succeeded", "failed"})
         assert final["status"] == "cancelled"
-        assert final["progress"]["done"] < 240
+        assert final["progress"]["done"] < 120
         response = client.get(f"{URL}/{batch_id}/results?format=csv")
         assert (response.status_code, response.json()["code"]) == (409, "batch_not_finished")
     assert not (get_settings().data_dir / "batches" / batch_id).exists()
@@ -177,7 +172,7 @@ def test_cancelling_a_running_batch_stops_it_and_removes_its_files(service: Serv
 
 def test_kill_9_mid_batch_a_second_worker_finishes_it_without_duplicates(service: Service):
     model_id = slow_model()
-    count = 160
+    count = 48  # 12 chunks: the kill lands after two of them on any machine this suite runs on
     with service.client() as client:
         batch_id = client.post(URL, files={"file": ("big.zip", big_archive(count))},
                                data={"model_id": model_id, "top_k": "1"}).json()["id"]
