@@ -14,8 +14,9 @@ from shared.migrate import downgrade, upgrade
 from shared.orm import Base
 from tests.conftest import PG_ADMIN
 
-TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "batch_predictions", "webhooks",
-          "webhook_events", "webhook_deliveries", "alembic_version"}
+WEBHOOK_TABLES = {"webhooks", "webhook_events", "webhook_deliveries"}  # from 0007 on
+TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "batch_predictions",
+          "alembic_version"} | WEBHOOK_TABLES
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -61,16 +62,25 @@ def test_downgrade_to_base_and_up_again(fresh_url):
 
 def test_0005_adds_and_drops_batch_predictions_only(fresh_url):
     upgrade(fresh_url, "0004")
-    assert tables(fresh_url) == TABLES - {"batch_predictions"}
+    assert tables(fresh_url) == TABLES - WEBHOOK_TABLES - {"batch_predictions"}
     upgrade(fresh_url, "0005")
-    assert tables(fresh_url) == TABLES
+    assert tables(fresh_url) == TABLES - WEBHOOK_TABLES
     engine = make_engine(fresh_url)
     columns = {c["name"] for c in inspect(engine).get_columns("batch_predictions")}
     engine.dispose()
     assert {"project", "owner", "status", "model_id", "top_k", "total", "done", "rejected", "attempts",
             "enqueued_at"} <= columns
     downgrade(fresh_url, "0004")
-    assert tables(fresh_url) == TABLES - {"batch_predictions"}
+    assert tables(fresh_url) == TABLES - WEBHOOK_TABLES - {"batch_predictions"}
+
+
+def test_0007_adds_and_drops_the_webhook_tables_only(fresh_url):
+    upgrade(fresh_url, "0006")
+    assert tables(fresh_url) == TABLES - WEBHOOK_TABLES
+    upgrade(fresh_url, "0007")
+    assert tables(fresh_url) == TABLES
+    downgrade(fresh_url, "0006")
+    assert tables(fresh_url) == TABLES - WEBHOOK_TABLES
 
 
 def test_0002_era_rows_move_into_project_default(fresh_url):
