@@ -80,6 +80,29 @@ def test_a_requeued_batch_keeps_the_chunks_already_written(settings):  # type: i
     assert sorted(p.name for p in batch_dir(settings, batch_id).iterdir()) == ["results.csv", "results.jsonl"]
 
 
+def test_rows_under_the_models_thresholds_abstain_with_label_null(settings):  # type: ignore[no-untyped-def]
+    from shared.orm import Model
+
+    batch_id = queued_batch(settings, count=4)
+    with session_scope() as session:
+        model = session.get(Model, row(batch_id).model_id)
+        model.min_score, model.class_min_scores = 0.0, {label: 0.999 for label in CLASSES[:2]}
+    run_batch(batch_id)
+    rows = results(settings, batch_id)
+    assert [r["label"] for r in rows] == [None if r["top"][0]["label"] in CLASSES[:2] else r["top"][0]["label"]
+                                          for r in rows]
+    with session_scope() as session:
+        session.get(Model, row(batch_id).model_id).min_score = 0.999
+    again = queued_batch(settings, count=4)
+    with session_scope() as session:
+        session.get(BatchPrediction, again).model_id = row(batch_id).model_id
+    run_batch(again)
+    assert [r["label"] for r in results(settings, again)] == [None] * 4
+    lines = (batch_dir(settings, again) / "results.csv").read_text().splitlines()
+    assert lines[0] == "filename,label,label_1,score_1,label_2,score_2,rejected"
+    assert all(line.split(",")[1] == "" for line in lines[1:])
+
+
 def test_a_delivery_of_a_batch_another_worker_runs_does_nothing(settings):  # type: ignore[no-untyped-def]
     batch_id = queued_batch(settings, status="running", attempts=1, worker_id="elsewhere:1", heartbeat_at=utcnow())
     run_batch(batch_id)

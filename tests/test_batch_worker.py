@@ -126,19 +126,20 @@ def test_an_archive_or_a_dataset_gives_one_row_per_file_with_sorted_top_k_or_the
         scores = [t["score"] for t in row["top"]]
         assert len(row["top"]) == 2 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
         assert len({t["label"] for t in row["top"]}) == 2 and {t["label"] for t in row["top"]} <= set(CLASSES)
+        assert row["label"] == row["top"][0]["label"]  # the model has no abstain threshold
     first = [(t["label"], t["score"]) for t in rows[0]["top"]]
     for (label, score), (want_label, want_score) in zip(first, expected_top(model_id, zipfile.ZipFile(
             io.BytesIO(content)).read("red_0.jpg"), 2), strict=True):
         assert label == want_label and score == pytest.approx(want_score, abs=1e-4)
 
-    assert table[0] == ["filename", "label_1", "score_1", "label_2", "score_2", "rejected"]
+    assert table[0] == ["filename", "label", "label_1", "score_1", "label_2", "score_2", "rejected"]
     assert len(table) == 1 + len(files)
     for line, row in zip(table[1:], rows, strict=True):
         if "rejected" in row:
-            assert line == [row["filename"], "", "", "", "", row["rejected"]]
+            assert line == [row["filename"], "", "", "", "", "", row["rejected"]]
         else:
             top = row["top"]
-            assert line == [row["filename"], top[0]["label"], f"{top[0]['score']:.6f}", top[1]["label"],
+            assert line == [row["filename"], row["label"], top[0]["label"], f"{top[0]['score']:.6f}", top[1]["label"],
                             f"{top[1]['score']:.6f}", ""]
     # Only the results are kept: the upload and the chunks went when the batch succeeded.
     folder = get_settings().data_dir / "batches" / batch_id

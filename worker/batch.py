@@ -28,7 +28,7 @@ from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.modeling import load_model_artifact
 from shared.modeling.transforms import eval_uint8, normalize_batch
-from shared.orm import BatchPrediction, utcnow
+from shared.orm import BatchPrediction, Model, utcnow
 from shared.storage import atomic_path, batch_dir, dataset_upload, model_dir, redact_paths
 from worker.archive import ArchiveError, ArchiveReader, Member
 from worker.images import IMAGE_SUFFIXES, ImageRejected, decode_image
@@ -176,6 +176,17 @@ class Predictor:
         self.top_k = min(top_k, len(self.classes))
         self.temperature = float(self.meta.get("temperature", 1.0))
         self.settings = settings
+        with session_scope() as session:
+            model = session.get(Model, model_id)
+            if model is None:
+                raise BatchFailed(f"model {model_id} was deleted before the batch ran", "model_missing")
+            # The abstain thresholds as they are when the batch runs, as /v1/predict applies them.
+            self.min_score, self.class_min_scores = model.min_score or 0.0, dict(model.class_min_scores or {})
+
+    def label(self, top: dict[str, Any]) -> str | None:
+        """The top label, or None (abstain) when its score is under its class's threshold or the model's."""
+        floor = max(self.min_score, self.class_min_scores.get(top["label"], 0.0))
+        return None if top["score"] < floor else top["label"]
 
     def crop(self, member: Member) -> torch.Tensor:
         """uint8 CHW eval crop; raises ImageRejected with the reason ingestion would give."""
@@ -220,7 +231,7 @@ def predict_chunk(names: list[str], members: Iterator[Member], predictor: Predic
         predicted.append(len(rows))
         rows.append({"filename": name})
     for position, top in zip(predicted, predictor.top(crops) if crops else [], strict=True):
-        rows[position]["top"] = top
+        rows[position].update(label=predictor.label(top[0]), top=top)
     return rows
 
 
@@ -229,13 +240,14 @@ def write_results(folder: Path, count: int, *, jsonl: Path, csv_path: Path, top_
     with atomic_path(jsonl) as tmp, tmp.open("w") as out:
         for index in range(count):
             out.write(chunk_file(folder, index).read_text())
-    header = ["filename"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "score")] + ["rejected"]
+    columns = [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "score")]
+    header = ["filename", "label", *columns, "rejected"]
     with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as out, jsonl.open() as rows:
         writer = csv.writer(out)
         writer.writerow(header)
         for line in rows:
             row = json.loads(line)
-            cells = [row["filename"]]
+            cells = [row["filename"], row.get("label") or ""]
             for i in range(top_k):
                 top = row.get("top", [])
                 cells += [top[i]["label"], f"{top[i]['score']:.6f}"] if i < len(top) else ["", ""]
