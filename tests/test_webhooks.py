@@ -365,3 +365,18 @@ def test_non_global_addresses_are_refused_at_delivery_time(host: str):
 
 def test_a_public_address_is_delivered_to_as_resolved():
     assert resolve("https://93.184.215.14/hook", allow_private=False) == "93.184.215.14"
+
+
+def test_deleting_a_project_takes_its_hooks_and_their_log(make_app: Callable[..., TestClient]):
+    with make_app() as client:
+        project_row("other")
+        created = hook(client, "https://example.com/h", project="other")
+        cancel_queued_job("other")
+        with session_scope() as session:
+            session.execute(Job.__table__.delete())  # the project must hold nothing else to be deleted
+            session.execute(Dataset.__table__.delete())
+        assert client.delete("/v1/projects/other").status_code == 204
+        assert client.get(f"/v1/webhooks/{created['id']}").status_code == 404
+        with session_scope() as session:
+            assert session.scalar(select(func.count()).select_from(WebhookEvent)) == 0
+            assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
