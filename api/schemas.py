@@ -112,7 +112,8 @@ class ModelPublic(Public):
 class ModelUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    min_score: float | None = Field(None, ge=0, le=1, description="abstain under this calibrated top score")
+    min_score: float | None = Field(None, ge=0, le=1, description="abstain under this calibrated top score; "
+                                                                  "null or 0: never")
     class_min_scores: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
         None, description="per-label thresholds (labels must be the model's classes); null clears them")
 

@@ -54,9 +54,7 @@ def set_thresholds(*, session: Session, model_id: str, body: ModelUpdate, princi
     model = get(session=session, model_id=model_id, principal=principal)
     fields = body.model_fields_set
     if "min_score" in fields:
-        if body.min_score is None:
-            raise ApiError(422, "validation_error", "min_score: must be a number from 0 to 1 (0: never abstain)")
-        model.min_score = body.min_score
+        model.min_score = body.min_score or 0.0  # null: back to never abstaining
     if "class_min_scores" in fields:
         unknown = sorted(set(body.class_min_scores or {}) - set(model.classes))
         if unknown:
