@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -190,11 +189,11 @@ def _follow(client: Client, job_id: str, *, quiet: bool = False) -> Any:
                 for event in client.job_events(job_id, last_event_id=last_id):
                     last_id = event.id or last_id
                     status = _on_event(bar, task, event.event, event.data, status, live, quiet)
-            except (httpx.TransportError, ApiError) as exc:  # dropped stream: reconnect; the snapshot makes us whole
-                if isinstance(exc, ApiError) and exc.status != 0:
+            except ApiError as exc:  # dropped stream: reconnect; the snapshot makes us whole
+                if exc.code != "unreachable":
                     raise
                 if not quiet:
-                    console.print(f"stream interrupted ({type(exc).__name__}); reconnecting", highlight=False)
+                    console.print(f"stream interrupted ({exc.detail}); reconnecting", highlight=False)
                 time.sleep(1)
     final = client.get_job(job_id)
     if not quiet:

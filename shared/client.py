@@ -264,8 +264,8 @@ class Client:
                 for sse in source.iter_sse():
                     if sse.data:
                         yield JobEvent(sse.id, sse.event, sse.json())
-        except httpx.ConnectError as exc:
-            raise ApiError(0, "unreachable", f"cannot reach {self.http.base_url}: {exc}") from exc
+        except httpx.TransportError as exc:  # refused, or dropped mid-stream: resume with the last event's id
+            raise ApiError(0, "unreachable", f"lost the event stream of {self.http.base_url}: {exc}") from exc
 
     # Models
     def list_models(self, *, project: str | None = None, limit: int = 100, offset: int = 0) -> Page:
