@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 
@@ -73,8 +74,9 @@ def reap_stale_batches(*, settings: Settings) -> list[str]:
     for batch_id, status, attempts, beat in stale:
         unchanged = table.heartbeat_at.is_(None) if beat is None else table.heartbeat_at == beat
         with session_scope() as session:
+            fields: dict[str, Any] = {}
             if status == JobStatus.cancelling:
-                to, fields = JobStatus.cancelled, {}
+                to = JobStatus.cancelled
             elif attempts >= settings.job_max_attempts:
                 to, fields = JobStatus.failed, {
                     "error_code": "worker_lost",

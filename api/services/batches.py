@@ -56,11 +56,12 @@ def create(*, session: Session, settings: Settings, principal: Principal, projec
     if dataset_id and upload is not None:
         raise ApiError(422, "source_conflict", "send either an archive in the multipart field 'file' or a "
                        "dataset_id, not both")
-    if not dataset_id and upload is None:
-        raise ApiError(422, "source_required", "send an archive of images in the multipart field 'file', or JSON "
-                       '{"dataset_id": "..."} to predict a ready dataset\'s images')
     _check_active(session=session, principal=principal, max_active=settings.max_active_jobs_per_key)
-    if dataset_id:
+    if upload is not None:
+        project = project or DEFAULT_PROJECT
+        project_or_404(session, project, principal=principal)
+        _check_archive(session=session, settings=settings, project=project, upload=upload)
+    elif dataset_id:
         dataset = datasets.get(session=session, dataset_id=dataset_id, principal=principal)
         if project is not None and project != dataset.project:
             raise ApiError(422, "validation_error", f"project: dataset {dataset.id} is in project "
@@ -69,10 +70,9 @@ def create(*, session: Session, settings: Settings, principal: Principal, projec
             raise ApiError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}; wait until it is "
                            "ready")
         project = dataset.project
-    elif upload is not None:
-        project = project or DEFAULT_PROJECT
-        project_or_404(session, project, principal=principal)
-        _check_archive(session=session, settings=settings, project=project, upload=upload)
+    else:
+        raise ApiError(422, "source_required", "send an archive of images in the multipart field 'file', or JSON "
+                       '{"dataset_id": "..."} to predict a ready dataset\'s images')
     model = _model(session=session, principal=principal, project=project, model_id=model_id)
     batch = BatchPrediction(id=new_id(), project=project, owner=principal.id, status=BatchStatus.queued.value,
                             source="dataset" if dataset_id else "archive", dataset_id=dataset_id, model_id=model.id,

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from shared.orm import Dataset, Job, utcnow
+from shared.orm import BatchPrediction, Dataset, Job, utcnow
 
 log = logging.getLogger(__name__)
 
 
-def dispatch(*, session: Session, table: type[Job] | type[Dataset], row_id: str,
+def dispatch(*, session: Session, table: type[Job] | type[Dataset] | type[BatchPrediction], row_id: str,
              enqueue: Callable[[str], None]) -> None:
     try:
         enqueue(row_id)
