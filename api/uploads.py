@@ -1,6 +1,7 @@
 """Multipart uploads streamed straight to disk, with the size limit enforced while bytes arrive."""
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,17 @@ def sweep_stale(spool_dir: Path, *, older_than_s: float) -> int:
         except FileNotFoundError:
             continue
     return removed
+
+
+def refuse_if_disk_low(request: Request, *, data_dir: Path, reserve_gb: float) -> None:
+    """507 before the body is read when what the request declares would eat into the disk reserve."""
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else 0
+    free = shutil.disk_usage(data_dir).free
+    reserve = int(reserve_gb * 2**30)
+    if free - declared < reserve:
+        raise ApiError(507, "insufficient_storage", f"the server has {free // 2**20} MiB free and keeps "
+                       f"{reserve // 2**20} MiB in reserve (TUNESERVE_MIN_FREE_DISK_GB); try again later")
 
 
 def too_large(limit_bytes: int) -> ApiError:

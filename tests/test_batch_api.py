@@ -214,3 +214,10 @@ def test_a_batchs_upload_counts_against_its_project_and_holds_the_project(client
     client.post(f"{URL}/{batch_id}/cancel")
     assert client.delete(f"{URL}/{batch_id}").status_code == 204
     assert client.get("/v1/projects/team").json()["usage"]["bytes"] == before
+
+
+def test_an_upload_that_would_eat_the_disk_reserve_is_507(make_app):  # type: ignore[no-untyped-def]
+    with make_app(TUNESERVE_MIN_FREE_DISK_GB="1000000") as client:
+        publish_model()
+        assert_refused(client, upload(client), 507, "insufficient_storage")
+        assert files_under(get_settings().data_dir / "tmp") == []

@@ -11,7 +11,7 @@ from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import BATCH_MAX_TOP_K, BatchPredictionCreate, BatchPredictionPublic, BatchPredictionsPublic
 from api.services import batches, project_or_404
-from api.uploads import receive_form
+from api.uploads import receive_form, refuse_if_disk_low
 from shared.jobstate import JobStatus
 
 router = APIRouter(prefix="/v1/batch-predictions", tags=["batch predictions"])
@@ -59,6 +59,7 @@ async def create_batch_prediction(request: Request, response: Response, session:
     elif content_type == "multipart/form-data":
         if project is not None:  # known before the body: a foreign project never gets to upload
             await run_in_threadpool(project_or_404, session, project, principal=principal)
+        refuse_if_disk_low(request, data_dir=settings.data_dir, reserve_gb=settings.min_free_disk_gb)
         form = await receive_form(request, spool_dir=settings.data_dir / "tmp",
                                   limit_bytes=settings.max_upload_mb * 2**20)
         try:

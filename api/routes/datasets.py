@@ -1,5 +1,3 @@
-import shutil
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -8,7 +6,7 @@ from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import DatasetPublic, DatasetsPublic, DatasetStatus
 from api.services import datasets, project_or_404
-from api.uploads import receive_form
+from api.uploads import receive_form, refuse_if_disk_low
 from shared.orm import DEFAULT_PROJECT
 from shared.quota import remaining_bytes
 
@@ -30,13 +28,7 @@ def quota_exceeded(project: str, remaining: int) -> ApiError:
 async def create_dataset(request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep,
                          project: ProjectQuery = None) -> DatasetPublic:
     limit = settings.max_upload_mb * 2**20
-    length = request.headers.get("content-length", "")
-    declared = int(length) if length.isdigit() else 0
-    free = shutil.disk_usage(settings.data_dir).free
-    reserve = int(settings.min_free_disk_gb * 2**30)
-    if free - declared < reserve:
-        raise ApiError(507, "insufficient_storage", f"the server has {free // 2**20} MiB free and keeps "
-                       f"{reserve // 2**20} MiB in reserve (TUNESERVE_MIN_FREE_DISK_GB); try again later")
+    refuse_if_disk_low(request, data_dir=settings.data_dir, reserve_gb=settings.min_free_disk_gb)
     remaining = None
     if project is not None:  # known before the body: the quota can stop the upload while it streams
         await run_in_threadpool(project_or_404, session, project, principal=principal)
