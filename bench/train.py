@@ -236,7 +236,7 @@ def main() -> None:
             if run == "naive":
                 add("(a) naive: PIL per step, fp32, NCHW, Adam 1e-4, b32", naive(files, splits, args))
             elif run == "loader":
-                add("(l) input path alone: producer + device crop/flip (basic)", input_pipeline(data, splits, args))
+                add("(l) input path alone (producer, device crop/flip)", input_pipeline(data, splits, args))
             elif run == "ours":
                 add("(b) ours, defaults, from the uint8 cache", ours(data, splits, root / "b", args,
                                                                      label="(b) ours"), **target)
