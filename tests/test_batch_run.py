@@ -64,8 +64,11 @@ def results(settings, batch_id: str) -> list[dict]:  # type: ignore[no-untyped-d
 
 def test_a_requeued_batch_keeps_the_chunks_already_written(settings):  # type: ignore[no-untyped-def]
     batch_id = queued_batch(settings, attempts=1)  # as the reaper leaves a batch whose worker died
-    chunks = batch_dir(settings, batch_id) / "chunks"
+    chunks = batch_dir(settings, batch_id) / "chunks-4"
     chunks.mkdir()
+    stale = batch_dir(settings, batch_id) / "chunks-2"  # written under another chunk size: other files
+    stale.mkdir()
+    (stale / "000001.jsonl").write_text(json.dumps({"filename": "red/0.jpg", "top": [MARKER]}) + "\n")
     written = [{"filename": name, "top": [MARKER]} for name in names(4)]
     (chunks / "000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written))
 
@@ -108,7 +111,7 @@ def test_a_delivery_of_a_batch_another_worker_runs_does_nothing(settings):  # ty
     run_batch(batch_id)
     batch = row(batch_id)
     assert (batch.status, batch.attempts, batch.worker_id, batch.done) == ("running", 1, "elsewhere:1", 0)
-    assert not (batch_dir(settings, batch_id) / "chunks").exists()
+    assert not (batch_dir(settings, batch_id) / "chunks-4").exists()
 
 
 def test_a_worker_shutting_down_hands_the_batch_back(settings):  # type: ignore[no-untyped-def]

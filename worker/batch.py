@@ -53,7 +53,8 @@ def upload_path(settings: Settings, batch_id: str) -> Path:
 
 
 def chunks_dir(settings: Settings, batch_id: str) -> Path:
-    return batch_dir(settings, batch_id) / "chunks"
+    # Named by the chunk size: chunks written under another TUNESERVE_BATCH_CHUNK_IMAGES cover other files.
+    return batch_dir(settings, batch_id) / f"chunks-{settings.batch_chunk_images}"
 
 
 def results_path(settings: Settings, batch_id: str, fmt: str) -> Path:
@@ -327,7 +328,8 @@ def _release(batch_id: str, settings: Settings, lease: Lease, complete: bool) ->
     if outcome == "cancelled":
         shutil.rmtree(folder, ignore_errors=True)
     elif outcome == "succeeded":  # only the results files are kept
-        shutil.rmtree(folder / "chunks", ignore_errors=True)
+        for chunks in folder.glob("chunks-*"):
+            shutil.rmtree(chunks, ignore_errors=True)
         (folder / "upload").unlink(missing_ok=True)
 
 
