@@ -74,7 +74,7 @@ def test_a_ready_dataset_by_json(client: TestClient, model_id: str):
 
 
 def test_a_bad_top_k_is_422_in_a_form_and_in_json(client: TestClient, model_id: str):
-    for top_k in ("0", "abc", "101", "2.5"):
+    for top_k in ("0", "abc", "101", "2.5", "\u00b2", "1" * 5000):
         assert_refused(client, upload(client, data={"top_k": top_k}), 422, "validation_error")
     dataset_id = ready_dataset()
     for top_k in (0, 101, "x"):

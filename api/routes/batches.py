@@ -30,10 +30,14 @@ MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"
 def _top_k(raw: str | None) -> int:
     if raw is None or raw == "":
         return 5
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= BATCH_MAX_TOP_K:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= BATCH_MAX_TOP_K:
         raise ApiError(422, "validation_error", f"top_k: must be a whole number from 1 to {BATCH_MAX_TOP_K}, got "
                        f"'{raw[:20]}'")
-    return int(raw)
+    return value
 
 
 def _same_project(url: str | None, named: str | None) -> str | None:
