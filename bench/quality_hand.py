@@ -1,10 +1,10 @@
 """The bar for bench/quality.py: a plain PyTorch loop, tuned by hand, on the same images and budget.
 
 Same model (shared.modeling.build_model), same epochs and image size, same uploaded images (10% kept
-for validation while tuning), images centre-cropped once to the training size, no augmentation.
-Tuned on MNIST's validation images over lr {3e-4, 1e-3, 3e-3, 1e-2} x batch {16, 32, 64, 128} x
-{AdamW one-cycle, SGD+nesterov one-cycle}: AdamW 3e-3 with batch 32, one-cycle (30% warm-up), weight
-decay 0.05, label smoothing 0.1 was best; the grid's other corners were 0.5-6 points worse.
+for validation while tuning), images centre-cropped once to the training size, no augmentation, AdamW
+(weight decay 0.05, none on norms and biases), one-cycle schedule (30% warm-up), label smoothing 0.1.
+Learning rate and batch were picked on MNIST's validation images: 3e-3 with batch 32 gave 0.9675 val /
+0.967 held-out (seed 0); the session's CPU budget allowed no wider grid, so the bar may sit a little low.
 """
 
 import time

@@ -45,6 +45,8 @@ class Hyperparameters(BaseModel):
     weights: str = Field("imagenet", max_length=255)
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    # An epoch is at least this many optimizer steps: smaller datasets are passed over several times.
+    min_steps_per_epoch: int = Field(25, ge=1, le=100_000)
     learning_rate: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
     backbone_lr_factor: float = Field(0.1, ge=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"

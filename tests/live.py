@@ -18,7 +18,7 @@ from tests.synthetic import make_zip
 CLASSES = ["red", "green", "blue"]
 # Small enough to train in seconds on two shared CPU cores, learnable enough to score well.
 TINY_JOB = {"base_model": "resnet18", "weights": "none", "epochs": 2, "image_size": 32, "batch_size": 8,
-            "channels_last": False}
+            "channels_last": False, "min_steps_per_epoch": 1}
 
 
 @contextmanager

@@ -21,8 +21,9 @@ from worker.training.engine import BEST, CHECKPOINT, evaluate, fit, image_prepar
 from worker.training.optim import amp_dtype, apply_freeze, build_optimizer
 
 CPU = torch.device("cpu")
+# One pass per epoch (no minimum step count): these tests are about the engine's mechanics, not quality.
 TINY = {"base_model": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "epochs": 1,
-        "val_fraction": 0.2, "test_fraction": 0.2}
+        "val_fraction": 0.2, "test_fraction": 0.2, "min_steps_per_epoch": 1}
 
 
 def write_cache(cache_dir: Path, *, classes: list[str], per_class: int, side: int = 40, seed: int = 0,

@@ -95,16 +95,16 @@ def test_a_run_records_what_auto_became_and_resumes_its_average(tmp_path: Path) 
                          seed=0)
     assert np.bincount(splits).tolist() == [40, 4, 4]
     hp = Hyperparameters(**{**TINY, "epochs": 2, "batch_size": "auto", "val_fraction": "auto",
-                            "test_fraction": "auto"})
+                            "test_fraction": "auto", "min_steps_per_epoch": 10})
     work = tmp_path / "work"
     stopped = fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=work, weights_dir=None,
                   reporter=Recorder(stop_after_epochs=1))
     assert stopped.stopped == "cancelled"
     saved = torch.load(work / CHECKPOINT, weights_only=True)
-    assert saved["ema"]["updates"] == 5  # 40 images in batches of 8
+    assert saved["ema"]["updates"] == 10  # 40 images in batches of 8, passed over twice for 10 steps
     result = fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=work, weights_dir=None, reporter=Recorder())
     assert (result.hp.batch_size, result.hp.augment, result.hp.ema, result.hp.recalibrate_bn) == (8, "flip", "on", "on")
-    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [(h["epoch"], h["passes"], h["train_images"]) for h in result.history] == [(1, 2, 80), (2, 2, 80)]
     assert {h["weights"] for h in result.history} <= {"raw", "ema"}
     fresh = fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=tmp_path / "fresh", weights_dir=None,
                 reporter=Recorder())

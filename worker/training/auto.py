@@ -60,6 +60,13 @@ def resolve(hp: Hyperparameters, *, train_count: int, device: torch.device) -> H
     })
 
 
+def passes_per_epoch(train_count: int, hp: Hyperparameters) -> int:
+    """Passes over the training images that make one epoch of at least ``min_steps_per_epoch`` steps: a
+    dataset of a few dozen images would otherwise give a 3-epoch run some 20 optimizer steps in all."""
+    batch = batch_size_of(hp)
+    return max(1, math.ceil(hp.min_steps_per_epoch * batch / max(train_count, 1)))
+
+
 def batch_size_of(hp: Hyperparameters) -> int:
     """The batch size of a resolved run (``resolve`` has replaced ``auto``)."""
     if not isinstance(hp.batch_size, int):

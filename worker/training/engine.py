@@ -15,7 +15,7 @@ from torch import nn
 from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
 from worker.training import distributed
-from worker.training.auto import resolve
+from worker.training.auto import passes_per_epoch, resolve
 from worker.training.averaging import WeightEma, ema_decay, eval_batches, recalibrate_bn, recalibration_indices
 from worker.training.calibration import calibration_report
 from worker.training.checkpoint import CheckpointWriter, load_checkpoint
@@ -222,7 +222,9 @@ def _fit(
     if hp.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(hp, device)
-    steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)), hp.batch_size, drop_last=True))
+    passes = passes_per_epoch(distributed.shard_size(len(train_idx)), hp)
+    steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)) * passes, hp.batch_size,
+                                         drop_last=True))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -284,7 +286,7 @@ def _fit(
 
         train_metrics = train_one_epoch(
             model=trainer, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, data=source,
-            indices=train_shard, hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
+            indices=np.tile(train_shard, passes), hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
             on_step=on_step, prepare=prepare, ema=ema,
         )
         if stopped == "cancelled":
@@ -306,6 +308,7 @@ def _fit(
         val_accuracy, val_loss = scores[weights]
         metrics = {
             "epoch": epoch, **train_metrics, "val_loss": val_loss, "val_accuracy": val_accuracy, "weights": weights,
+            "passes": passes,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_second": round(train_metrics["train_images"] / max(train_seconds, 1e-9), 2),
             "seconds": round(time.monotonic() - epoch_start, 3),
