@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from shared.apikeys import Role
 from shared.hyperparameters import Hyperparameters
 from shared.jobstate import DatasetStatus, JobStatus
+from shared.webhooks import DeliveryStatus, WebhookEventType
 
 PROJECT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 BATCH_MAX_TOP_K = 100
@@ -247,12 +248,8 @@ class BatchPredictionsPublic(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: Literal["ok", "unavailable"]
     checks: dict[str, str] = {}
-
-
-WebhookEventType = Literal["dataset.ready", "dataset.failed", "job.succeeded", "job.failed", "job.cancelled",
-                           "batch.succeeded", "batch.failed"]
 
 
 class WebhookCreate(BaseModel):
@@ -280,7 +277,7 @@ class WebhooksPublic(BaseModel):
 class WebhookDeliveryPublic(BaseModel):
     event_id: str
     type: str
-    status: Literal["pending", "delivered", "failed"]
+    status: DeliveryStatus
     attempts: int
     last_status_code: int | None
     last_error: str | None

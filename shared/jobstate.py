@@ -1,7 +1,7 @@
 """Job states and the only way they change: one guarded UPDATE per transition."""
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final, Literal
 
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
@@ -14,6 +14,14 @@ class DatasetStatus(StrEnum):
     processing = "processing"
     ready = "ready"
     failed = "failed"
+
+
+# A dataset deleted while finished jobs still name it keeps its row under this status: never listed, answers 404,
+# so it is no DatasetStatus a client can see or filter on.
+DATASET_DELETED: Final = "deleted"
+
+# Why training ended before its last epoch (metrics.stopped); None when it ran them all.
+StopReason = Literal["max_minutes", "cancelled", "early_stopping"]
 
 
 class JobStatus(StrEnum):

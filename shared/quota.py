@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
+from shared.jobstate import DATASET_DELETED
 from shared.orm import BatchPrediction, Dataset, Job, Model, Project
 from shared.storage import batch_dir, dataset_dir, job_dir, model_dir
 
@@ -45,7 +46,8 @@ def project_usage(*, session: Session, settings: Settings, project: str) -> Usag
     job_ids = session.scalars(select(Job.id).where(Job.project == project)).all()
     model_ids = session.scalars(select(Model.id).where(Model.project == project)).all()
     batch_ids = session.scalars(select(BatchPrediction.id).where(BatchPrediction.project == project)).all()
-    live = session.scalar(select(func.count()).where(Dataset.project == project, Dataset.status != "deleted")) or 0
+    live = session.scalar(select(func.count()).where(Dataset.project == project,
+                                                     Dataset.status != DATASET_DELETED)) or 0
     on_disk = (sum(tree_bytes(dataset_dir(settings, i)) for i in dataset_ids)
                + sum(tree_bytes(job_dir(settings, i)) for i in job_ids)
                + sum(tree_bytes(model_dir(settings, i)) for i in model_ids)

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import TypeAdapter
 from sqlalchemy import select
@@ -17,8 +17,10 @@ from sqlalchemy.orm import Session
 
 from shared.orm import BatchPrediction, Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id, utcnow
 
-EVENT_TYPES = ("dataset.ready", "dataset.failed", "job.succeeded", "job.failed", "job.cancelled",
-               "batch.succeeded", "batch.failed")
+WebhookEventType = Literal["dataset.ready", "dataset.failed", "job.succeeded", "job.failed", "job.cancelled",
+                           "batch.succeeded", "batch.failed"]
+EVENT_TYPES: tuple[str, ...] = get_args(WebhookEventType)
+DeliveryStatus = Literal["pending", "delivered", "failed"]
 SIGNATURE_HEADER = "Tuneserve-Signature"
 EVENT_ID_HEADER = "Tuneserve-Event-Id"
 

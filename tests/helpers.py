@@ -3,15 +3,16 @@
 from pathlib import Path
 
 from shared.db import session_scope
-from shared.jobstate import JobStatus
+from shared.jobstate import DatasetStatus, JobStatus
 from shared.orm import Dataset, Job, new_id
 
 
-def ready_dataset(name: str = "ds", project: str = "default") -> str:
-    """A dataset row marked ready (its files are not needed by tests that never train on it)."""
+def ready_dataset(name: str = "ds", project: str = "default",
+                  status: DatasetStatus = DatasetStatus.ready) -> str:
+    """A dataset row marked ready (or ``status``; its files are not needed by tests that never train on it)."""
     with session_scope() as session:
-        dataset = Dataset(id=new_id(), project=project, name=name, status="ready", filename=f"{name}.zip", size_bytes=1,
-                          classes=["a", "b"], class_counts={"a": 5, "b": 5}, num_images=10, rejected=[], report={},
+        dataset = Dataset(id=new_id(), project=project, name=name, status=status.value, filename=f"{name}.zip",
+                          size_bytes=1, classes=["a", "b"], class_counts={"a": 5, "b": 5}, num_images=10, rejected=[], report={},
                           progress={})
         session.add(dataset)
         return dataset.id

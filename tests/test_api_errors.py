@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from shared.config import get_settings
-from shared.jobstate import JobStatus
+from shared.jobstate import DatasetStatus, JobStatus
 from tests.helpers import files_under, job_row, ready_dataset
 from tests.synthetic import make_heldout
 
@@ -130,3 +130,24 @@ def test_list_jobs_filters_by_status_and_paginates(client):
     rest = client.get("/v1/jobs", params={"status": "queued", "limit": 2, "offset": 2}).json()
     assert {j["id"] for j in page["data"] + rest["data"]} == set(ids)
     error(client.get("/v1/jobs", params={"status": "sleeping"}), 422, "validation_error")
+
+
+def test_list_datasets_filters_by_status_and_refuses_unknown_states(client):
+    ready = ready_dataset()
+    failed = ready_dataset(status=DatasetStatus.failed)
+    assert [d["id"] for d in client.get("/v1/datasets", params={"status": "ready"}).json()["data"]] == [ready]
+    assert [d["id"] for d in client.get("/v1/datasets", params={"status": "failed"}).json()["data"]] == [failed]
+    assert client.get("/v1/datasets", params={"status": "processing"}).json() == {"data": [], "count": 0}
+    for bogus in ("bogus", "deleted", "READY"):
+        error(client.get("/v1/datasets", params={"status": bogus}), 422, "validation_error")
+
+
+def test_openapi_lists_the_states_of_every_status_field(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["DatasetStatus"]["enum"] == ["processing", "ready", "failed"]
+    assert schemas["JobStatus"]["enum"] == ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+    assert schemas["DatasetPublic"]["properties"]["status"] == {"$ref": "#/components/schemas/DatasetStatus"}
+    assert schemas["JobPublic"]["properties"]["status"] == {"$ref": "#/components/schemas/JobStatus"}
+    assert schemas["BatchPredictionPublic"]["properties"]["status"] == {"$ref": "#/components/schemas/JobStatus"}
+    assert schemas["WebhookDeliveryPublic"]["properties"]["status"]["enum"] == ["pending", "delivered", "failed"]
+    assert schemas["Health"]["properties"]["status"]["enum"] == ["ok", "unavailable"]

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 
 from shared.config import Settings, get_settings
 from shared.db import session_scope
+from shared.jobstate import DATASET_DELETED, DatasetStatus
 from shared.orm import Dataset, utcnow
 from shared.quota import remaining_bytes
 from shared.storage import atomic_dir, dataset_cache, dataset_dir, dataset_upload, redact_paths, write_json
@@ -47,11 +48,12 @@ def _set(dataset_id: str, **values: Any) -> bool:
     with session_scope() as session:
         result = session.execute(
             update(Dataset)
-            .where(Dataset.id == dataset_id, Dataset.status == "processing")
+            .where(Dataset.id == dataset_id, Dataset.status == DatasetStatus.processing)
             .values(updated_at=utcnow(), **values)
         )
         won = result.rowcount == 1
-        if won and values.get("status") in ("ready", "failed"):  # its webhook event commits with the change
+        # its webhook event commits with the change
+        if won and values.get("status") in (DatasetStatus.ready, DatasetStatus.failed):
             dataset_finished(session=session, dataset_id=dataset_id, status=values["status"])
         return won
 
@@ -70,7 +72,7 @@ def _start_attempt(dataset_id: str) -> int:
 
 def _discard_if_deleted(settings: Settings, dataset_id: str) -> None:
     """A DELETE while we worked removed the row and files; remove what we wrote after it."""
-    if _status(dataset_id) in (None, "deleted"):
+    if _status(dataset_id) in (None, DATASET_DELETED):
         log.info("dataset %s was deleted during ingestion; removing its files", dataset_id)
         shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)
 
@@ -78,7 +80,7 @@ def _discard_if_deleted(settings: Settings, dataset_id: str) -> None:
 def _fail(settings: Settings, dataset_id: str, **values: Any) -> bool:
     """Mark the dataset failed and remove its files: a failed dataset can never be trained on, so its
     upload and partial cache would only hold disk. False if it was no longer processing."""
-    if _set(dataset_id, status="failed", **values):
+    if _set(dataset_id, status=DatasetStatus.failed, **values):
         shutil.rmtree(dataset_dir(settings, dataset_id), ignore_errors=True)
         return True
     _discard_if_deleted(settings, dataset_id)
@@ -88,7 +90,7 @@ def _fail(settings: Settings, dataset_id: str, **values: Any) -> bool:
 def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None:
     """Build the dataset's cache and report; the row ends ``ready`` or ``failed`` with a reason."""
     settings = settings or get_settings()
-    if _status(dataset_id) != "processing":
+    if _status(dataset_id) != DatasetStatus.processing:
         log.info("dataset %s is not processing; nothing to do", dataset_id)
         return
     attempt = _start_attempt(dataset_id)
@@ -113,7 +115,7 @@ def ingest_dataset(*, dataset_id: str, settings: Settings | None = None) -> None
             return  # its files may have vanished under us (deleted meanwhile): not a failure
         log.exception("dataset %s failed unexpectedly", dataset_id)
         raise
-    if not _set(dataset_id, status="ready", error=None, error_code=None, **result):
+    if not _set(dataset_id, status=DatasetStatus.ready, error=None, error_code=None, **result):
         _discard_if_deleted(settings, dataset_id)
 
 

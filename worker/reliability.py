@@ -14,7 +14,7 @@ from shared import batchstate
 from shared.celery_app import enqueue_batch, enqueue_ingest, enqueue_train
 from shared.config import Settings, get_settings
 from shared.db import session_scope
-from shared.jobstate import FINAL, JobStatus, transition
+from shared.jobstate import FINAL, DatasetStatus, JobStatus, transition
 from shared.orm import BatchPrediction, Dataset, Job, utcnow
 from shared.storage import batch_dir, job_dir
 
@@ -100,7 +100,7 @@ def send_unsent(*, settings: Settings) -> list[str]:
     grace = utcnow() - timedelta(seconds=SEND_GRACE_SECONDS)
     sent = []
     for table, status, enqueue in ((Job, JobStatus.queued.value, enqueue_train),
-                                   (Dataset, "processing", enqueue_ingest),
+                                   (Dataset, DatasetStatus.processing.value, enqueue_ingest),
                                    (BatchPrediction, JobStatus.queued.value, enqueue_batch)):
         with session_scope() as session:
             ids = session.scalars(select(table.id).where(

@@ -24,7 +24,7 @@ from sqlalchemy import delete, or_, select, update
 from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.orm import Webhook, WebhookDelivery, WebhookEvent, utcnow
-from shared.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, sign
+from shared.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, DeliveryStatus, sign
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def post(*, url: str, secret: str, event_id: str, body: str, settings: Settings)
         return response.status_code
 
 
-def finish(*, claimed: Claimed, status_code: int | None, error: str | None, settings: Settings) -> str | None:
+def finish(*, claimed: Claimed, status_code: int | None, error: str | None,
+           settings: Settings) -> DeliveryStatus | None:
     """Record one attempt under our lease; returns the delivery's new status, or None when the lease
     was lost meanwhile (it expired and another sender took the delivery): then nothing changes."""
     attempts = claimed.attempts + 1
@@ -146,6 +147,7 @@ def finish(*, claimed: Claimed, status_code: int | None, error: str | None, sett
                                  "last_error": error[:ERROR_CHARS] if error else None,
                                  "lease_until": None, "leased_by": None}
     next_at: datetime | None = None
+    status: DeliveryStatus
     if status_code is not None and 200 <= status_code < 300:
         status = "delivered"
         values["delivered_at"] = now

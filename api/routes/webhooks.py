@@ -1,11 +1,10 @@
-from typing import Literal
-
 from fastapi import APIRouter, Response
 
 from api.auth import PrincipalDep
 from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.schemas import WebhookCreate, WebhookDeliveriesPublic, WebhookDeliveryPublic, WebhookPublic, WebhooksPublic
 from api.services import webhooks
+from shared.webhooks import DeliveryStatus
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -39,7 +38,7 @@ def delete_webhook(hook_id: str, session: SessionDep, principal: PrincipalDep) -
 
 @router.get("/{hook_id}/deliveries", response_model=WebhookDeliveriesPublic)
 def list_deliveries(hook_id: str, session: SessionDep, principal: PrincipalDep, page: PageDep,
-                    status: Literal["pending", "delivered", "failed"] | None = None) -> WebhookDeliveriesPublic:
+                    status: DeliveryStatus | None = None) -> WebhookDeliveriesPublic:
     rows, count = webhooks.deliveries(session=session, hook_id=hook_id, principal=principal, status=status,
                                       limit=page.limit, offset=page.offset)
     return WebhookDeliveriesPublic(data=[WebhookDeliveryPublic(**r) for r in rows], count=count)

@@ -14,7 +14,7 @@ from api.uploads import SavedFile
 from shared.archives import archive_format
 from shared.celery_app import enqueue_ingest
 from shared.config import Settings
-from shared.jobstate import ACTIVE, JobStatus
+from shared.jobstate import ACTIVE, DATASET_DELETED, DatasetStatus
 from shared.orm import BatchPrediction, Dataset, Job, new_id
 from shared.storage import dataset_dir, dataset_upload
 
@@ -35,9 +35,9 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
     stem = upload.filename
     for suffix in ARCHIVE_SUFFIXES:
         stem = stem.removesuffix(suffix)
-    dataset = Dataset(id=dataset_id, project=project, name=(name or stem or dataset_id)[:255], status="processing",
-                      filename=upload.filename[:255], size_bytes=upload.size, rejected=[], report={},
-                      progress={"processed": 0, "total": None})
+    dataset = Dataset(id=dataset_id, project=project, name=(name or stem or dataset_id)[:255],
+                      status=DatasetStatus.processing, filename=upload.filename[:255], size_bytes=upload.size,
+                      rejected=[], report={}, progress={"processed": 0, "total": None})
     session.add(dataset)
     try:
         session.commit()
@@ -50,14 +50,14 @@ def create(*, session: Session, settings: Settings, upload: SavedFile, name: str
 
 def get(*, session: Session, dataset_id: str, principal: Principal) -> Dataset:
     dataset = get_or_404(session, Dataset, "dataset", dataset_id, principal=principal)
-    if dataset.status == "deleted":
+    if dataset.status == DATASET_DELETED:
         raise not_found("dataset", dataset_id)
     return dataset
 
 
-def list_(*, session: Session, principal: Principal, project: str | None, status: str | None, limit: int,
+def list_(*, session: Session, principal: Principal, project: str | None, status: DatasetStatus | None, limit: int,
           offset: int) -> tuple[list[Dataset], int]:
-    query = scoped(select(Dataset).where(Dataset.status != "deleted"), Dataset.project, session=session,
+    query = scoped(select(Dataset).where(Dataset.status != DATASET_DELETED), Dataset.project, session=session,
                    principal=principal, project=project)
     if status:
         query = query.where(Dataset.status == status)
@@ -70,7 +70,7 @@ def delete(*, session: Session, settings: Settings, dataset_id: str, principal: 
     dataset = get(session=session, dataset_id=dataset_id, principal=principal)
     active = session.scalar(select(func.count()).where(
         Job.dataset_id == dataset_id,
-        Job.status.in_([JobStatus.queued, JobStatus.running, JobStatus.cancelling])))
+        Job.status.in_(ACTIVE)))
     if active:
         raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")
@@ -82,7 +82,7 @@ def delete(*, session: Session, settings: Settings, dataset_id: str, principal: 
     used = session.scalar(select(func.count()).where(Job.dataset_id == dataset_id))
     if used:
         # Finished jobs keep their history; the dataset's files go, the row is marked deleted.
-        dataset.status = "deleted"
+        dataset.status = DATASET_DELETED
     else:
         session.delete(dataset)
     session.commit()

@@ -11,7 +11,7 @@ from api.errors import ApiError
 from api.schemas import WebhookCreate
 from api.services import get_or_404, project_or_404, scoped
 from shared.orm import DEFAULT_PROJECT, Project, Webhook, WebhookDelivery, WebhookEvent, new_id
-from shared.webhooks import EVENT_TYPES
+from shared.webhooks import EVENT_TYPES, DeliveryStatus
 
 
 def _check_url(url: str) -> None:
@@ -71,7 +71,7 @@ def delete(*, session: Session, hook_id: str, principal: Principal) -> None:
     session.commit()
 
 
-def deliveries(*, session: Session, hook_id: str, principal: Principal, status: str | None, limit: int,
+def deliveries(*, session: Session, hook_id: str, principal: Principal, status: DeliveryStatus | None, limit: int,
                offset: int) -> tuple[list[dict], int]:
     get(session=session, hook_id=hook_id, principal=principal)
     query = (select(WebhookDelivery, WebhookEvent.type)
