@@ -184,6 +184,32 @@ def test_a_failed_write_raises_on_the_training_thread_and_keeps_the_last_complet
     assert load_checkpoint(path) == {"epoch": 3}
 
 
+def test_then_runs_on_the_callers_thread_once_the_files_are_on_disk(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    reported: list[tuple[int, str]] = []
+
+    def report(epoch: int) -> None:
+        reported.append((load_checkpoint(path)["epoch"], threading.current_thread().name))
+
+    writer = CheckpointWriter()
+    writer.submit([(path, {"epoch": 1, "w": torch.ones(1_000_000)})], then=lambda: report(1))
+    while not writer.poll():
+        assert reported == []  # not before the write has finished
+    writer.submit([(path, {"epoch": 2})], then=lambda: report(2))
+    writer.wait()
+    writer.wait()  # each then runs once
+    assert reported == [(1, "MainThread"), (2, "MainThread")]
+
+
+def test_a_failed_write_runs_no_then(tmp_path):
+    reported: list[int] = []
+    writer = CheckpointWriter()
+    writer.submit([(tmp_path / "checkpoint.pt", {"bad": lambda: None})], then=lambda: reported.append(1))
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        writer.wait()
+    assert reported == []
+
+
 def test_leaving_on_another_error_waits_for_the_write_in_flight(tmp_path):
     path = tmp_path / "best.pt"
     with pytest.raises(RuntimeError, match="training failed"), CheckpointWriter() as writer:

@@ -5,6 +5,7 @@ newest *complete* checkpoint: a process killed mid-write leaves the previous one
 """
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,14 +42,17 @@ class CheckpointWriter:
     """Writes checkpoints on a background thread, one batch of files in flight at a time.
 
     ``submit`` snapshots the states to CPU on the caller's thread (so training can go on changing the model),
-    waits for the previous write to finish, then writes the files in the order given. An error in a write is
-    raised by the next ``submit`` or by ``wait``/leaving the with-block, so it is never lost; leaving the block
-    because of another error still waits for the write in flight (a half-written temporary is never renamed).
+    waits for the previous write to finish, then writes the files in the order given. ``then`` runs on the
+    caller's thread once the files are on disk, from ``poll`` or ``wait``: an epoch is reported only when its
+    checkpoint is there to resume from. An error in a write is raised by the next ``submit``, ``poll`` or ``wait``
+    (leaving the with-block waits), so it is never lost; leaving the block because of another error still waits
+    for the write in flight (a half-written temporary is never renamed) but runs no ``then``.
     """
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._then: Callable[[], None] | None = None
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -60,19 +64,30 @@ class CheckpointWriter:
         else:
             self._join()  # the error already leaving the block is the one to report
 
-    def submit(self, files: list[tuple[Path, dict[str, Any]]]) -> None:
+    def submit(self, files: list[tuple[Path, dict[str, Any]]], then: Callable[[], None] | None = None) -> None:
         snapshot = [(path, host_copy(state)) for path, state in files]
         self.wait()
+        self._then = then
         self._thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer",
                                         daemon=True)
         self._thread.start()
 
+    def poll(self) -> bool:
+        """True when no write is in flight (finishing one here: its error raised, its ``then`` run); never blocks."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        self.wait()
+        return True
+
     def wait(self) -> None:
-        """Block until the write in flight is on disk; raise its error if it failed."""
+        """Block until the write in flight is on disk; raise its error if it failed, else run its ``then``."""
         self._join()
         error, self._error = self._error, None
+        then, self._then = self._then, None
         if error is not None:
             raise error
+        if then is not None:
+            then()
 
     def _join(self) -> None:
         if self._thread is not None:

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -271,7 +272,8 @@ def _fit(
         def on_step(step: int, steps: int, seen: int, epoch: int = epoch, epoch_start: float = epoch_start) -> bool:
             nonlocal last_report, stopped
             now = time.monotonic()
-            if now - last_report >= 2.0 or step == steps:
+            # While the last epoch's checkpoint is being written its report waits (``poll``), and so does progress.
+            if writer.poll() and (now - last_report >= 2.0 or step == steps):
                 last_report = now
                 rate = seen * distributed.world_size() / max(now - epoch_start, 1e-9)
                 left = ((steps - step) + (hp.epochs - epoch) * steps) * hp.batch_size * distributed.world_size()
@@ -331,8 +333,11 @@ def _fit(
                 "best": best, "bad_epochs": bad_epochs, "elapsed": elapsed_before + time.monotonic() - started,
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             }))
-            writer.submit(files)  # snapshot now, written while the next epoch trains
-        reporter.epoch_done(epoch, metrics)
+            # Snapshot now, written while the next epoch trains; the epoch is reported once its checkpoint is on
+            # disk, so a worker killed after the report resumes after this epoch.
+            writer.submit(files, then=functools.partial(reporter.epoch_done, epoch, metrics))
+        else:
+            reporter.epoch_done(epoch, metrics)
         if stopped is None and hp.early_stopping_patience and bad_epochs >= hp.early_stopping_patience:
             stopped = "early_stopping"
         if stopped is not None:
