@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from shared.apikeys import Role
 from shared.hyperparameters import Hyperparameters
 from shared.jobstate import DatasetStatus, JobStatus
+from shared.orm import Job, Model
 from shared.webhooks import DeliveryStatus, WebhookEventType
 
 PROJECT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -82,6 +83,13 @@ class JobPublic(Public):
     started_at: datetime | None
     finished_at: datetime | None
 
+    @classmethod
+    def from_row(cls, job: Job, history: list[dict[str, Any]] | None = None) -> "JobPublic":
+        """The job row with its per-epoch ``history`` (stored in other rows: jobs.history reads them)."""
+        public = cls.model_validate(job)
+        public.history = history or []
+        return public
+
 
 class JobsPublic(BaseModel):
     data: list[JobPublic]
@@ -108,6 +116,13 @@ class ModelPublic(Public):
     def temperature(self) -> float:
         """Logits are divided by it before the softmax (fitted on the validation split; 1 for older models)."""
         return float((self.metrics.get("calibration") or {}).get("temperature", 1.0))
+
+    @classmethod
+    def from_row(cls, model: Model, serving: set[str]) -> "ModelPublic":
+        """The model row; ``serving`` holds the ids of the models its project serves (models.serving_ids)."""
+        public = cls.model_validate(model)
+        public.serving = model.id in serving
+        return public
 
 
 class ModelUpdate(BaseModel):

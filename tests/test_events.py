@@ -61,5 +61,6 @@ def test_events_for_an_unknown_job_are_a_404_before_any_stream(streamed):
     with service.client() as client:
         response = client.get("/v1/jobs/00000000-0000-0000-0000-000000000000/events")
     assert response.status_code == 404
-    assert response.json() == {"detail": "job 00000000-0000-0000-0000-000000000000 does not exist",
-                               "code": "job_not_found"}
+    body = response.json()  # a problem (RFC 9457): detail and code as everywhere, plus type/title/status/instance
+    assert (body["detail"], body["code"], body["status"]) == (
+        "job 00000000-0000-0000-0000-000000000000 does not exist", "job_not_found", 404)

@@ -11,8 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
-from api.routes.jobs import to_public
-from api.schemas import BatchPredictionPublic, DatasetPublic, WebhookEventType
+from api.schemas import BatchPredictionPublic, DatasetPublic, JobPublic, WebhookEventType
 from api.services import jobs as job_service
 from shared import batchstate
 from shared.config import get_settings
@@ -129,7 +128,8 @@ def test_event_data_is_the_public_body_the_api_answers_with(make_app: Callable[.
             session.execute(Job.__table__.update().where(Job.id == job_id).values(progress={"epoch": 1, "x": 2}))
         with session_scope() as session:
             job = session.get(Job, job_id)
-            api_job = to_public(job, job_service.history(session=session, job_id=job_id)).model_dump(mode="json")
+            history = job_service.history(session=session, job_id=job_id)
+            api_job = JobPublic.from_row(job, history).model_dump(mode="json")
             assert _json(job_body(session, job_id)) == api_job
             dataset = session.get(Dataset, job.dataset_id)
             assert _json(dataset_body(session, dataset.id)) == DatasetPublic.model_validate(dataset).model_dump(

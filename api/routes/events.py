@@ -17,18 +17,17 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, PrincipalDep
 from api.deps import SettingsDep
 from api.errors import ApiError
-from api.routes.jobs import to_public
+from api.schemas import JobPublic
 from api.services import jobs
 from shared.config import Settings
 from shared.db import get_sessionmaker
 from shared.jobstate import FINAL, JobStatus
-from shared.orm import Job, JobEpoch
+from shared.orm import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,7 +47,7 @@ def _snapshot(job_id: str, principal: Principal) -> tuple[dict[str, Any], Seen]:
     with get_sessionmaker()() as session:
         job = jobs.get(session=session, job_id=job_id, principal=principal)
         history = jobs.history(session=session, job_id=job_id)
-        public = to_public(job, history).model_dump(mode="json")
+        public = JobPublic.from_row(job, history).model_dump(mode="json")
         progress = dict(job.progress or {})
     last = max((int(h.get("epoch", 0)) for h in history), default=0)
     return public, Seen(status=public["status"], progress=progress, last_epoch=last)
@@ -58,8 +57,7 @@ def _changes(job_id: str, seen: Seen) -> Seen:
     """What changed since ``seen``: new epochs first (oldest first), then progress, then the state."""
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
-        epochs = session.execute(select(JobEpoch.epoch, JobEpoch.metrics).where(
-            JobEpoch.job_id == job_id, JobEpoch.epoch > seen.last_epoch).order_by(JobEpoch.epoch)).all()
+        epochs = jobs.epochs_after(session=session, job_id=job_id, epoch=seen.last_epoch)
         if job is None:  # deleted under us: report it as the end of the story
             return Seen(status=seen.status, progress=seen.progress, last_epoch=seen.last_epoch,
                         events=[("end", {"status": seen.status, "reason": "job deleted"})])

@@ -8,15 +8,8 @@ from api.deps import IdempotencyKeyDep, PageDep, ProjectQuery, SessionDep, Setti
 from api.schemas import JobCreate, JobPublic, JobsPublic
 from api.services import jobs
 from shared.jobstate import JobStatus
-from shared.orm import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-
-def to_public(job: Job, history: list[dict] | None = None) -> JobPublic:
-    public = JobPublic.model_validate(job)
-    public.history = history or []
-    return public
 
 
 @router.post("", status_code=202, response_model=JobPublic)
@@ -25,7 +18,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, prin
     job = jobs.create(session=session, body=body, idempotency_key=idempotency_key, principal=principal,
                       max_active=settings.max_active_jobs_per_key,
                       weights_dir=settings.weights_path if settings.check_weights else None)
-    return to_public(job, jobs.history(session=session, job_id=job.id))
+    return JobPublic.from_row(job, jobs.history(session=session, job_id=job.id))
 
 
 @router.get("", response_model=JobsPublic)
@@ -33,7 +26,7 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, page: PageDep, proje
               status: JobStatus | None = None, dataset_id: str | None = None) -> JobsPublic:
     rows, count = jobs.list_(session=session, principal=principal, project=project, status=status,
                              dataset_id=dataset_id, limit=page.limit, offset=page.offset)
-    return JobsPublic(data=[to_public(r) for r in rows], count=count)
+    return JobsPublic(data=[JobPublic.from_row(r) for r in rows], count=count)
 
 
 def matches(etag: str, if_none_match: str | None) -> bool:
@@ -48,7 +41,7 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep,
             if_none_match: Annotated[str | None, Header(max_length=2048)] = None) -> Response:
     """Pollers send the ETag back in If-None-Match and get an empty 304 until the job changes."""
     job = jobs.get(session=session, job_id=job_id, principal=principal)
-    body = to_public(job, jobs.history(session=session, job_id=job_id)).model_dump_json().encode()
+    body = JobPublic.from_row(job, jobs.history(session=session, job_id=job_id)).model_dump_json().encode()
     etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
     if matches(etag, if_none_match):
         return Response(status_code=304, headers={"ETag": etag})
@@ -58,7 +51,7 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep,
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
 def cancel_job(job_id: str, session: SessionDep, settings: SettingsDep, principal: PrincipalDep) -> JobPublic:
     job = jobs.cancel(session=session, settings=settings, job_id=job_id, principal=principal)
-    return to_public(job, jobs.history(session=session, job_id=job_id))
+    return JobPublic.from_row(job, jobs.history(session=session, job_id=job_id))
 
 
 @router.delete("/{job_id}", status_code=204)

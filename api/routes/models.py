@@ -7,15 +7,9 @@ from api.predictor import PredictorDep
 from api.schemas import ModelPublic, ModelsPublic, ModelUpdate
 from api.services import artifacts, models, project_or_404
 from api.services.artifacts import ArtifactFormat
-from shared.orm import DEFAULT_PROJECT, Model
+from shared.orm import DEFAULT_PROJECT
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-
-def to_public(model: Model, serving: set[str]) -> ModelPublic:
-    public = ModelPublic.model_validate(model)
-    public.serving = model.id in serving
-    return public
 
 
 @router.get("", response_model=ModelsPublic)
@@ -24,20 +18,20 @@ def list_models(session: SessionDep, principal: PrincipalDep, page: PageDep, pro
     rows, count = models.list_(session=session, principal=principal, project=project, limit=page.limit,
                                offset=page.offset)
     serving = models.serving_ids(session=session, models=rows)
-    return ModelsPublic(data=[to_public(r, serving) for r in rows], count=count)
+    return ModelsPublic(data=[ModelPublic.from_row(r, serving) for r in rows], count=count)
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep, principal: PrincipalDep) -> ModelPublic:
     model = models.get(session=session, model_id=model_id, principal=principal)
-    return to_public(model, models.serving_ids(session=session, models=[model]))
+    return ModelPublic.from_row(model, models.serving_ids(session=session, models=[model]))
 
 
 @router.patch("/{model_id}", response_model=ModelPublic)
 def update_model(model_id: str, body: ModelUpdate, session: SessionDep, principal: PrincipalDep) -> ModelPublic:
     """Set the abstain threshold (``min_score``, and per-class ``class_min_scores``) used by /predict."""
     model = models.set_thresholds(session=session, model_id=model_id, body=body, principal=principal)
-    return to_public(model, models.serving_ids(session=session, models=[model]))
+    return ModelPublic.from_row(model, models.serving_ids(session=session, models=[model]))
 
 
 @router.post("/{model_id}/promote", response_model=ModelPublic)
@@ -45,7 +39,7 @@ def promote_model(model_id: str, session: SessionDep, predictor: PredictorDep, p
                   ) -> ModelPublic:
     model = models.promote(session=session, model_id=model_id, principal=principal)
     predictor.forget_serving_id(model.project)
-    return to_public(model, {model.id})
+    return ModelPublic.from_row(model, {model.id})
 
 
 @router.delete("/pin", status_code=204, deprecated=True,

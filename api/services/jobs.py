@@ -4,6 +4,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -78,9 +79,16 @@ def get(*, session: Session, job_id: str, principal: Principal) -> Job:
     return get_or_404(session, Job, "job", job_id, principal=principal)
 
 
-def history(*, session: Session, job_id: str) -> list[dict]:
+def history(*, session: Session, job_id: str) -> list[dict[str, Any]]:
     rows = session.scalars(select(JobEpoch).where(JobEpoch.job_id == job_id).order_by(JobEpoch.epoch)).all()
     return [row.metrics for row in rows]
+
+
+def epochs_after(*, session: Session, job_id: str, epoch: int) -> list[tuple[int, dict[str, Any]]]:
+    """(epoch, metrics) of the job's epochs past ``epoch``, oldest first: what an event stream has not sent."""
+    rows = session.execute(select(JobEpoch.epoch, JobEpoch.metrics).where(
+        JobEpoch.job_id == job_id, JobEpoch.epoch > epoch).order_by(JobEpoch.epoch)).all()
+    return [(number, metrics) for number, metrics in rows]
 
 
 def list_(*, session: Session, principal: Principal, project: str | None, status: str | None,
