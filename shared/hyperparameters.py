@@ -1,9 +1,11 @@
 """Fine-tuning hyperparameters: one validated schema that the API checks and the worker trusts."""
 
+import operator
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 FreezePolicy = Annotated[str, Field(pattern=r"^(none|backbone|stages:[0-4])$")]
 
@@ -18,8 +20,35 @@ CLASSIC_RECIPE: dict[str, object] = {
 }
 
 
-Auto = Literal["auto"]
-Fraction = Annotated[float, Field(ge=0, lt=0.5)]
+def _auto_or_number(kind: type[int] | type[float], **bounds: float) -> Any:
+    """``"auto"`` or a number within ``bounds`` (pydantic's ge/gt/le/lt), failing with ONE error that names
+    the field (a plain ``int | Literal["auto"]`` union reports a failure per member)."""
+    checks = {"ge": (operator.ge, "greater than or equal to", "greater_than_equal"),
+              "gt": (operator.gt, "greater than", "greater_than"),
+              "le": (operator.le, "less than or equal to", "less_than_equal"),
+              "lt": (operator.lt, "less than", "less_than")}
+
+    def validate(value: Any) -> Any:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                kind is int and not float(value).is_integer()):
+            noun = "an integer" if kind is int else "a number"
+            raise PydanticCustomError("auto_or_number", f"Input should be 'auto' or {noun}")
+        for name, limit in bounds.items():
+            compare, words, error_type = checks[name]
+            if not compare(value, limit):
+                raise PydanticCustomError(error_type, f"Input should be {words} {limit}", {name: limit})
+        return kind(value)
+
+    number: dict[str, Any] = {"type": "integer" if kind is int else "number"}
+    number |= {{"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}[k]: v
+               for k, v in bounds.items()}
+    schema = {"anyOf": [number, {"const": "auto", "type": "string"}]}
+    return Annotated[int | float | str, PlainValidator(validate), WithJsonSchema(schema)]
+
+
+Fraction = _auto_or_number(float, ge=0, lt=0.5)
 
 
 class Hyperparameters(BaseModel):
@@ -44,10 +73,10 @@ class Hyperparameters(BaseModel):
     base_model: Literal["resnet50", "resnet18", "resnet34", "resnet101"] = "resnet50"
     weights: str = Field("imagenet", max_length=255)
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    batch_size: _auto_or_number(int, ge=1, le=4096) = "auto"  # type: ignore[valid-type]
     # An epoch is at least this many optimizer steps: smaller datasets are passed over several times.
     min_steps_per_epoch: int = Field(25, ge=1, le=100_000)
-    learning_rate: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
+    learning_rate: _auto_or_number(float, gt=0, le=10) = "auto"  # type: ignore[valid-type]
     backbone_lr_factor: float = Field(0.1, ge=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.05, ge=0, le=1)
@@ -68,8 +97,8 @@ class Hyperparameters(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1, le=1000)
     class_weighting: Literal["none", "balanced"] = "none"
     # auto: 15% each of a class with 60+ images, down to 8% (at least one image) for small classes.
-    val_fraction: Fraction | Auto = "auto"
-    test_fraction: Fraction | Auto = "auto"
+    val_fraction: Fraction = "auto"  # type: ignore[valid-type]
+    test_fraction: Fraction = "auto"  # type: ignore[valid-type]
     # Exponential moving average of the weights, evaluated beside the raw weights every epoch.
     ema: Literal["auto", "on", "off"] = "auto"
     # Re-estimate BatchNorm running statistics on training images before each evaluation.

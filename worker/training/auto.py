@@ -17,7 +17,8 @@ MIN_BATCH = 8
 MAX_BATCH = {"cpu": 64, "cuda": 256}
 BASE_BATCH = 32
 BASE_LR = {"adamw": 2e-3, "adam": 2e-3, "sgd": 0.1}
-# Short from-scratch runs: random crops cost more than they teach before the network has features.
+# Short from-scratch runs: augmentation costs more than it teaches before the network has features (the
+# walk-through's colours, 4 seeds: none 0.99, flips 0.93, crops + flips 0.60 held-out accuracy).
 CROP_EPOCHS = 10
 # BatchNorm statistics with momentum 0.1 lag the weights until the run has this many steps.
 RECALIBRATE_STEPS = 3000
@@ -41,7 +42,7 @@ def auto_learning_rate(hp: Hyperparameters, batch_size: int) -> float:
 
 
 def auto_augment(hp: Hyperparameters) -> str:
-    return "basic" if hp.weights != "none" or hp.epochs >= CROP_EPOCHS else "flip"
+    return "basic" if hp.weights != "none" or hp.epochs >= CROP_EPOCHS else "none"
 
 
 def resolve(hp: Hyperparameters, *, train_count: int, device: torch.device) -> Hyperparameters:
