@@ -4,15 +4,17 @@ background checkpoint writer, augmentation drawn on the device generator, and co
 import pickle
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from shared.hyperparameters import Hyperparameters
+from tests.test_training import write_cache
 from worker.training.checkpoint import CheckpointWriter, host_copy, load_checkpoint
-from worker.training.data import CachedDataset, prepare_batch, random_boxes
-from worker.training.engine import _mix
+from worker.training.data import CachedDataset, load_cache, make_splits, prepare_batch, random_boxes
+from worker.training.engine import BEST, CHECKPOINT, _mix, fit
 from worker.training.loader import BatchProducer, plan_batches
 from worker.training.optim import compile_pays_off
 
@@ -272,3 +274,33 @@ def test_compile_auto_is_off_on_cpu_and_on_or_off_is_obeyed():
     assert compile_pays_off(hp=Hyperparameters(**long_run, compile="on"), device=CPU, train_images=10) is True
     assert compile_pays_off(hp=Hyperparameters(**long_run, compile="off"), device=torch.device("cuda"),
                             train_images=100_000) is False
+
+
+class CheckpointOnReport:
+    """A reporter that reads the checkpoint at each epoch report: what a worker killed right then resumes from."""
+
+    def __init__(self, work: Path) -> None:
+        self.work, self.seen = work, []
+
+    def progress(self, progress: dict) -> None:
+        pass
+
+    def epoch_done(self, epoch: int, metrics: dict) -> None:
+        self.seen.append((epoch, load_checkpoint(self.work / CHECKPOINT)["epoch"]))
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+def test_each_epoch_is_reported_with_its_own_checkpoint_already_on_disk(tmp_path):
+    data = load_cache(write_cache(tmp_path / "cache", classes=["red", "green"], per_class=10))
+    hp = Hyperparameters(base_model="resnet18", weights="none", image_size=32, batch_size=8, epochs=3,
+                         min_steps_per_epoch=1, learning_rate=1e-3, augment="basic", val_fraction=0.2,
+                         test_fraction=0.2, ema="off", recalibrate_bn="off", mixed_precision="off")
+    splits = make_splits(labels=data.labels, preset=data.preset_splits, val_fraction=0.2, test_fraction=0.2, seed=0)
+    reporter = CheckpointOnReport(tmp_path / "work")
+    result = fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=tmp_path / "work", weights_dir=None,
+                 reporter=reporter)
+    assert reporter.seen == [(1, 1), (2, 2), (3, 3)]
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [BEST, CHECKPOINT]
