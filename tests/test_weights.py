@@ -27,7 +27,7 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_file_table_is_torchvisions_own() -> None:
     enums = {"resnet18": models.ResNet18_Weights.IMAGENET1K_V1, "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
              "resnet50": models.ResNet50_Weights.IMAGENET1K_V2, "resnet101": models.ResNet101_Weights.IMAGENET1K_V2}
-    assert weights.IMAGENET_FILES == {name: Path(enum.url).name for name, enum in enums.items()}
+    assert {name: Path(enum.url).name for name, enum in enums.items()} == weights.IMAGENET_FILES
     assert {weights.URL_BASE + name for name in weights.IMAGENET_FILES.values()} == {e.url for e in enums.values()}
 
 
