@@ -202,6 +202,23 @@ class KeysPublic(BaseModel):
     count: int
 
 
+class PredictForm(BaseModel):
+    """The multipart fields (or query parameters) of a prediction besides its images (``file``)."""
+
+    top_k: int = Field(5, ge=1, description="clamped to the model's class count")
+    min_score: float = Field(0.0, ge=0, le=1, description="label is null when the calibrated top score is under this")
+    model_id: str | None = Field(None, max_length=64, description="default: the model the project serves")
+    project: str | None = Field(None, pattern=PROJECT_NAME, description="whose model serves the request (default "
+                                                                        "'default')")
+
+
+class DatasetForm(BaseModel):
+    """The multipart fields of POST /v1/datasets besides the archive (``file``)."""
+
+    project: str | None = Field(None, pattern=PROJECT_NAME)
+    name: str | None = None  # stored cut to 255 characters, as the archive's name is
+
+
 class Score(BaseModel):
     label: str
     score: float
@@ -229,6 +246,15 @@ class BatchPredictionCreate(BaseModel):
     top_k: int = Field(5, ge=1, le=BATCH_MAX_TOP_K, description="clamped to the model's class count")
     model_id: str | None = Field(None, min_length=1, max_length=64,
                                  description="a model of the project; default: the one it serves now")
+
+
+class BatchPredictionForm(BaseModel):
+    """The multipart fields of POST /v1/batch-predictions besides the archive (``file``)."""
+
+    project: str | None = Field(None, pattern=PROJECT_NAME)
+    top_k: int = Field(5, ge=1, le=BATCH_MAX_TOP_K)
+    model_id: str | None = Field(None, max_length=64)
+    dataset_id: str | None = Field(None, max_length=64)
 
 
 class BatchProgress(BaseModel):

@@ -6,9 +6,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -37,6 +39,18 @@ class ParsedForm:
     def cleanup(self) -> None:
         for saved in self.files:
             saved.path.unlink(missing_ok=True)
+
+    def validated(self, model: type["FormT"], defaults: dict[str, str] | None = None) -> "FormT":
+        """The form's fields (over ``defaults``, e.g. the same names from the query string) as ``model``: a
+        422 validation_error naming the field otherwise, as for a JSON body. An empty field counts as absent."""
+        values = {k: v for source in (defaults or {}, self.fields) for k, v in source.items() if v != ""}
+        try:
+            return model.model_validate(values)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+
+
+FormT = TypeVar("FormT", bound=BaseModel)
 
 
 def sweep_stale(spool_dir: Path, *, older_than_s: float) -> int:

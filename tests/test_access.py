@@ -288,5 +288,7 @@ def test_names_and_ids_that_cannot_exist_are_404_without_reaching_the_database(t
     for name in ("%00abc", "Team-A", "a" * 64):
         answer = teams.client.get(f"/v1/projects/{name}", headers=teams.admin)
         assert (answer.status_code, answer.json()["code"]) == (404, "project_not_found"), name
+    # A form field is checked like ?project=: a name that cannot be one is a 422 naming the field.
     named = teams.client.post("/v1/predict", files=image(), data={"project": "x\x00y"}, headers=teams.admin)
-    assert (named.status_code, named.json()["code"]) == (404, "project_not_found")
+    assert (named.status_code, named.json()["code"], named.json()["errors"][0]["field"]) == (
+        422, "validation_error", "project")

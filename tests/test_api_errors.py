@@ -95,6 +95,19 @@ def test_upload_without_a_file_part_is_422(client):
           422, "file_required")
 
 
+@pytest.mark.parametrize("project", ["Not A Project", "x" * 64, "-leading-dash"])
+def test_upload_to_a_malformed_project_name_is_422_and_leaves_no_files(client, project):
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("a/1.jpg", b"x")
+    body = error(client.post("/v1/datasets", data={"project": project}, files={"file": ("d.zip", zipped.getvalue())}),
+                 422, "validation_error")
+    assert body["errors"][0]["field"] == "project"
+    assert files_under(get_settings().data_dir / "datasets") == []
+    assert files_under(get_settings().data_dir / "tmp") == []
+    assert client.get("/v1/datasets").json()["count"] == 0
+
+
 def test_predict_before_any_model_is_503_no_model(client):
     image = make_heldout(["red"], 1)[0][1]
     error(client.post("/v1/predict", files={"file": ("a.jpg", image)}), 503, "no_model")

@@ -83,6 +83,14 @@ def test_a_bad_top_k_is_422_in_a_form_and_in_json(client: TestClient, model_id: 
         assert response.json()["errors"][0]["field"] == "top_k"
 
 
+@pytest.mark.parametrize(("field", "value"), [("project", "Not A Project"), ("model_id", "m" * 65),
+                                              ("dataset_id", "d" * 65)])
+def test_a_bad_form_field_is_422_naming_it(client: TestClient, model_id: str, field: str, value: str):
+    response = upload(client, data={field: value})
+    assert_refused(client, response, 422, "validation_error")
+    assert response.json()["errors"][0]["field"] == field
+
+
 def test_both_an_archive_and_a_dataset_id_is_422(client: TestClient, model_id: str):
     response = upload(client, data={"dataset_id": ready_dataset()})
     assert_refused(client, response, 422, "source_conflict")

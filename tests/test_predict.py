@@ -110,12 +110,29 @@ def test_top_k_defaults_to_5_clamped_to_the_class_count_and_is_sorted(api):
     assert len(predict(api, [("a.jpg", photo(1))], top_k="1000").json()["predictions"][0]["top"]) == 3
 
 
-def test_bad_top_k_is_422(api):
-    for top_k in ("0", "-2", "abc", "1.5"):
-        response = predict(api, [("a.jpg", photo(0))], top_k=top_k)
-        assert response.status_code == 422, top_k
-        assert response.json()["code"] == "validation_error"
-        assert response.json()["detail"].startswith("top_k: ")
+@pytest.mark.parametrize(("field", "value"), [
+    ("top_k", "0"), ("top_k", "-2"), ("top_k", "abc"), ("top_k", "1.5"), ("top_k", "\u00b2"),
+    ("min_score", "-0.1"), ("min_score", "1.5"), ("min_score", "nan"), ("min_score", "high"),
+    ("model_id", "m" * 65), ("project", "Not A Project"), ("project", "x" * 64),
+])
+def test_a_bad_form_field_is_422_naming_it(api, field, value):
+    publish_model()
+    response = predict(api, [("a.jpg", photo(0))], **{field: value})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert (body["code"], body["errors"][0]["field"]) == ("validation_error", field)
+    assert body["detail"].startswith(f"{field}: ")
+
+
+def test_the_same_fields_in_the_query_string_are_checked_and_the_form_wins(api):
+    publish_model()
+    files = [("file", ("a.jpg", photo(0), "image/jpeg"))]
+    response = api.post("/v1/predict?top_k=0", files=files)
+    assert (response.status_code, response.json()["errors"][0]["field"]) == (422, "top_k")
+    two = api.post("/v1/predict?top_k=0", files=files, data={"top_k": "2"})
+    assert (two.status_code, len(two.json()["predictions"][0]["top"])) == (200, 2)
+    one = api.post("/v1/predict?top_k=1", files=files, data={"top_k": ""})  # an empty field is absent
+    assert len(one.json()["predictions"][0]["top"]) == 1
 
 
 def test_model_id_serves_that_model_and_an_unknown_one_is_404(api):

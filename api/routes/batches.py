@@ -9,7 +9,13 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import PrincipalDep
 from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import BATCH_MAX_TOP_K, BatchPredictionCreate, BatchPredictionPublic, BatchPredictionsPublic
+from api.schemas import (
+    BATCH_MAX_TOP_K,
+    BatchPredictionCreate,
+    BatchPredictionForm,
+    BatchPredictionPublic,
+    BatchPredictionsPublic,
+)
 from api.services import batches, project_or_404
 from api.uploads import receive_form, refuse_if_disk_low
 from shared.jobstate import JobStatus
@@ -25,19 +31,6 @@ CREATE_BODY = {"requestBody": {"required": True, "content": {
         "model_id": {"type": "string", "description": "default: the model the project serves now"}}}},
     "application/json": {"schema": BatchPredictionCreate.model_json_schema()}}}}
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
-
-
-def _top_k(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return 5
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= BATCH_MAX_TOP_K:
-        raise ApiError(422, "validation_error", f"top_k: must be a whole number from 1 to {BATCH_MAX_TOP_K}, got "
-                       f"'{raw[:20]}'")
-    return value
 
 
 def _same_project(url: str | None, named: str | None) -> str | None:
@@ -68,11 +61,11 @@ async def create_batch_prediction(request: Request, response: Response, session:
                                   limit_bytes=settings.max_upload_mb * 2**20)
         try:
             uploads = [f for f in form.files if f.field == "file"]
+            fields = form.validated(BatchPredictionForm)
             batch = await run_in_threadpool(
                 batches.create, session=session, settings=settings, principal=principal,
-                project=_same_project(project, form.fields.get("project")),
-                top_k=_top_k(form.fields.get("top_k")), model_id=form.fields.get("model_id"),
-                dataset_id=form.fields.get("dataset_id"), upload=uploads[0] if uploads else None)
+                project=_same_project(project, fields.project), top_k=fields.top_k, model_id=fields.model_id,
+                dataset_id=fields.dataset_id, upload=uploads[0] if uploads else None)
         finally:
             form.cleanup()
     else:

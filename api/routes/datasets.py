@@ -4,7 +4,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import PrincipalDep
 from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import DatasetPublic, DatasetsPublic, DatasetStatus
+from api.schemas import DatasetForm, DatasetPublic, DatasetsPublic, DatasetStatus
 from api.services import datasets, project_or_404
 from api.uploads import receive_form, refuse_if_disk_low
 from shared.orm import DEFAULT_PROJECT
@@ -44,7 +44,8 @@ async def create_dataset(request: Request, session: SessionDep, settings: Settin
         uploads = [f for f in form.files if f.field == "file"]
         if len(uploads) != 1:
             raise ApiError(422, "file_required", "send exactly one archive in the multipart field 'file'")
-        named = form.fields.get("project")
+        fields = form.validated(DatasetForm)
+        named = fields.project
         if project is not None and named is not None and named != project:
             raise ApiError(422, "validation_error", f"project: the URL says '{project}' but the form says "
                            f"'{named[:64]}'; send one")
@@ -55,7 +56,7 @@ async def create_dataset(request: Request, session: SessionDep, settings: Settin
             if remaining is not None and uploads[0].size > remaining:
                 raise quota_exceeded(project, remaining)
         dataset = await run_in_threadpool(datasets.create, session=session, settings=settings, upload=uploads[0],
-                                          name=form.fields.get("name"), project=project)
+                                          name=fields.name, project=project)
     finally:
         form.cleanup()
     return DatasetPublic.model_validate(dataset)

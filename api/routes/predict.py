@@ -11,7 +11,7 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.images import prepare_images
 from api.predictor import LoadedModel, Predictor, PredictorDep
-from api.schemas import Prediction, PredictResponse, Score
+from api.schemas import PredictForm, Prediction, PredictResponse, Score
 from api.services import models, project_or_404
 from api.uploads import receive_form
 from shared.config import Settings
@@ -20,30 +20,6 @@ from shared.orm import DEFAULT_PROJECT
 router = APIRouter(tags=["predict"])
 
 MAX_FILES = 256
-
-
-def _top_k(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return 5
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ApiError(422, "validation_error", f"top_k: must be a whole number, got '{raw[:20]}'") from exc
-    if value < 1:
-        raise ApiError(422, "validation_error", f"top_k: must be at least 1, got {value}")
-    return value
-
-
-def _min_score(raw: str | None) -> float:
-    if raw is None or raw == "":
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ApiError(422, "validation_error", f"min_score: must be a number from 0 to 1, got '{raw[:20]}'") from exc
-    if not 0 <= value <= 1:  # also refuses nan
-        raise ApiError(422, "validation_error", f"min_score: must be from 0 to 1, got {value}")
-    return value
 
 
 def label_for(top: Score, *, min_score: float, class_min_scores: dict[str, float]) -> str | None:
@@ -123,11 +99,11 @@ async def _predict(*, request: Request, session: Session, settings: Settings, pr
             files = [f for f in form.files if f.field in ("file", "files")]
             if not files:
                 raise ApiError(422, "file_required", "send one or more images in the multipart field 'file'")
-            top_k = _top_k(form.fields.get("top_k", request.query_params.get("top_k")))
-            min_score = _min_score(form.fields.get("min_score", request.query_params.get("min_score")))
-            wanted = form.fields.get("model_id") or request.query_params.get("model_id")
+            options = form.validated(PredictForm, {k: v for k, v in request.query_params.items()
+                                                   if k in PredictForm.model_fields})
+            top_k, min_score, wanted = options.top_k, options.min_score, options.model_id
             if project is None:
-                project = form.fields.get("project") or request.query_params.get("project")
+                project = options.project
             named = [(f.filename or f"file{i}", f.path) for i, f in enumerate(files)]
             loaded, (model_min, class_min), inputs = await run_in_threadpool(
                 _prepare, predictor=predictor, session=session, principal=principal, project=project, wanted=wanted,
