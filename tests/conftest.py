@@ -2,39 +2,15 @@
 service itself (API + Celery worker as subprocesses) on embedded or server backends."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import redis
 
-from shared.celery_app import get_celery
-from shared.config import get_settings
-from shared.db import get_engine, get_sessionmaker
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("TUNESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TUNESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# Every row an earlier test left, except project `default`, which always exists.
-CLEAN_SQL = ("TRUNCATE webhook_deliveries, webhook_events, webhooks, batch_predictions, job_epochs, models, jobs, "
-             "datasets, api_keys CASCADE; "
-             "DELETE FROM projects WHERE name <> 'default'")
-
-
-def unavailable(what: str, exc: Exception) -> None:
-    message = f"{what} is not reachable ({exc}); start it or set the TUNESERVE_TEST_* URL"
-    if IN_CI:
-        pytest.fail(f"CI=true and {message}")
-    pytest.skip(f"SKIPPING LOUDLY: {message}")
+from tests.processes import CLEAN_SQL, PG_ADMIN, REDIS_URL, Service, launch, reset_caches, shutdown, unavailable
 
 
 @pytest.fixture(autouse=True)
@@ -48,11 +24,6 @@ def pillow_pixel_limit() -> Iterator[None]:
     yield
     after, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, before
     assert after == before, f"PIL.Image.MAX_IMAGE_PIXELS was left at {after} (was {before}); pass limits per call"
-
-
-def reset_caches() -> None:
-    for cached in (get_settings, get_engine, get_sessionmaker, get_celery):
-        cached.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -129,82 +100,6 @@ def make_app(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-d
         return TestClient(create_app())
 
     return make
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Service:
-    url: str
-    env: dict[str, str]
-    processes: list[subprocess.Popen]
-    log_dir: Path
-
-    def client(self, **kwargs) -> httpx.Client:  # type: ignore[no-untyped-def]
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
-
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
-        log = (self.log_dir / f"{name}-{len(self.processes)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", "ingest,train,batch"],
-                                env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.processes.append(proc)
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.25, what: str = "condition"
-             ) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def launch(env: dict[str, str], log_dir: Path, workers: int = 1) -> Service:
-    """Migrate, then start the API (uvicorn) and ``workers`` Celery workers as real subprocesses."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, cwd=REPO_ROOT, check=True,
-                   capture_output=True)
-    port = free_port()
-    api_log = (log_dir / "api.log").open("wb")
-    api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port)], env=env,
-                           cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT)
-    service = Service(url=f"http://127.0.0.1:{port}", env=env, processes=[api], log_dir=log_dir)
-    for _ in range(workers):
-        service.start_worker()
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, 60, what="the API to answer /healthz")
-    except AssertionError:
-        shutdown(service)
-        raise
-    return service
-
-
-def shutdown(service: Service) -> None:
-    for proc in service.processes:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in service.processes:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

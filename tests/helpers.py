@@ -12,8 +12,8 @@ def ready_dataset(name: str = "ds", project: str = "default",
     """A dataset row marked ready (or ``status``; its files are not needed by tests that never train on it)."""
     with session_scope() as session:
         dataset = Dataset(id=new_id(), project=project, name=name, status=status.value, filename=f"{name}.zip",
-                          size_bytes=1, classes=["a", "b"], class_counts={"a": 5, "b": 5}, num_images=10, rejected=[], report={},
-                          progress={})
+                          size_bytes=1, classes=["a", "b"], class_counts={"a": 5, "b": 5}, num_images=10,
+                          rejected=[], report={}, progress={})
         session.add(dataset)
         return dataset.id
 

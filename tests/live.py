@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.conftest import CLEAN_SQL, Service, launch, shutdown, wait_for
+from tests.processes import CLEAN_SQL, Service, launch, shutdown, wait_for
 from tests.synthetic import make_zip
 
 CLASSES = ["red", "green", "blue"]

@@ -11,7 +11,7 @@ from types import TracebackType
 
 import httpx
 
-from tests.conftest import Service
+from tests.processes import Service
 
 
 @dataclass(frozen=True)

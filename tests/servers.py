@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import free_port
+from tests.processes import free_port
 
 
 def _pg_bin(name: str) -> str:

@@ -135,7 +135,7 @@ def test_patch_of_a_model_that_does_not_exist_is_404(api):
 def test_a_trained_job_stores_its_temperature_and_test_ece_before_and_after(migrated):
     from shared.orm import Dataset, Job
     from shared.storage import dataset_cache
-    from tests.test_training import TINY, write_cache
+    from tests.training_helpers import TINY, write_cache
     from worker.training.job import run_training_job
 
     with session_scope() as session:

@@ -24,9 +24,9 @@ from api.routes.events import StreamSlots
 from shared.cli_app import app
 from shared.config import Settings
 from tests.compose_files import env_of, interpolate
-from tests.conftest import REPO_ROOT, Service, wait_for
 from tests.model_rows import publish_model
 from tests.predict_load import Answer, PredictLoad
+from tests.processes import REPO_ROOT, Service, wait_for
 from tests.synthetic import jpeg_bytes, make_image
 
 WORKERS = 2

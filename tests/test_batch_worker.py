@@ -19,9 +19,9 @@ from shared.config import get_settings
 from shared.modeling import load_model_artifact
 from shared.modeling.transforms import eval_uint8, normalize_batch
 from shared.storage import dataset_upload, model_dir
-from tests.conftest import Service, wait_for
 from tests.helpers import ready_dataset
 from tests.model_rows import CLASSES, publish_model
+from tests.processes import Service, wait_for
 from tests.synthetic import jpeg_bytes, make_image
 from worker.images import decode_image
 

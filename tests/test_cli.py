@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import get_settings
 from shared.storage import model_dir
-from tests.conftest import REPO_ROOT
 from tests.live import CLASSES, serve
+from tests.processes import REPO_ROOT
 from tests.synthetic import make_heldout, make_zip
 
 API_KEY = "cli-test-key-3"

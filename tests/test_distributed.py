@@ -15,8 +15,7 @@ from shared.db import session_scope
 from shared.hyperparameters import Hyperparameters
 from shared.orm import JobEpoch, Model
 from shared.storage import model_dir
-from tests.test_training import TINY, Recorder, write_cache
-from tests.test_training_job import load, queue
+from tests.training_helpers import TINY, Recorder, load, queue, write_cache
 from worker.training.data import load_cache, stored_splits
 from worker.training.distributed import RESULT, NotEnoughGpus, fit_distributed, process_count
 from worker.training.engine import BEST, CHECKPOINT, fit

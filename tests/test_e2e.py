@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Service, wait_for
+from tests.processes import Service, wait_for
 from tests.synthetic import make_heldout, make_zip
 
 CLASSES = ["red", "green", "blue"]

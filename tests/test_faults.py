@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, Service, wait_for
+from tests.processes import REPO_ROOT, Service, wait_for
 from tests.servers import PrivatePostgres, PrivateRedis
 from tests.synthetic import make_zip
 

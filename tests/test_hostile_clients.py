@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.conftest import Service
 from tests.helpers import files_under
+from tests.processes import Service
 
 KEY = "hostile-test-key"
 MiB = 2**20

@@ -7,8 +7,8 @@ from sqlalchemy import select
 
 from shared.db import session_scope
 from shared.orm import Dataset
-from tests.conftest import Service, wait_for
 from tests.hostile import BLUE, RED, image_folder, solid, write_zip
+from tests.processes import Service, wait_for
 
 SERVICE_ENV = {"TUNESERVE_MAX_UPLOAD_MB": "1", "TUNESERVE_CACHE_SIZE": "32"}
 

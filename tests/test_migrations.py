@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from shared.db import make_engine
 from shared.migrate import downgrade, upgrade
 from shared.orm import Base
-from tests.conftest import PG_ADMIN
+from tests.processes import PG_ADMIN
 
 WEBHOOK_TABLES = {"webhooks", "webhook_events", "webhook_deliveries"}  # from 0007 on
 TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "batch_predictions",

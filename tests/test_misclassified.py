@@ -10,8 +10,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.orm import Dataset, Model
 from shared.storage import dataset_cache, model_dir, read_json
-from tests.test_training import write_cache
-from tests.test_training_job import load, queue
+from tests.training_helpers import load, queue, write_cache
 from worker.training.job import run_training_job
 
 CLASSES = ["red", "green", "blue"]

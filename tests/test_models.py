@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from shared.config import get_settings
 from shared.orm import new_id
 from shared.storage import model_dir
-from tests.conftest import wait_for
 from tests.model_rows import CLASSES, insert_rows, publish_model, write_artifact
+from tests.processes import wait_for
 from tests.synthetic import jpeg_bytes, make_image
 
 

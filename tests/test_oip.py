@@ -17,9 +17,9 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import Service, reset_caches
 from tests.live import serve
 from tests.model_rows import CLASSES, publish_model
+from tests.processes import Service, reset_caches
 from tests.synthetic import jpeg_bytes, make_image
 
 ADMIN = "oip-admin-key"

@@ -4,10 +4,10 @@
 import random
 import time
 
-from tests.conftest import wait_for
 from tests.helpers import project_row
 from tests.model_rows import publish_model
 from tests.predict_load import PredictLoad
+from tests.processes import wait_for
 from tests.synthetic import jpeg_bytes, make_image
 
 CLIENTS = 2  # per project

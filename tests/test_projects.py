@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from shared.config import get_settings
 from shared.jobstate import JobStatus
 from shared.quota import tree_bytes
-from tests.conftest import Service, wait_for
 from tests.helpers import files_under, job_row, project_row, ready_dataset
 from tests.live import TINY_JOB
 from tests.model_rows import publish_model
+from tests.processes import Service, wait_for
 from tests.synthetic import jpeg_bytes, make_image, make_zip
 
 ADMIN = "root-bootstrap-key"

@@ -9,8 +9,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Service, wait_for
 from tests.helpers import job_row, ready_dataset
+from tests.processes import Service, wait_for
 from tests.synthetic import make_zip
 
 KEY = "streams-test-key"

@@ -1,7 +1,6 @@
 """The training engine on a tiny generated cache: learning, every hyperparameter value, freezing,
 discriminative lr, stopping rules, resume, reproducibility, weights files and the feature fast path."""
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -13,54 +12,12 @@ from safetensors.torch import save_file
 
 from shared.hyperparameters import CLASSIC_RECIPE, Hyperparameters
 from shared.modeling import build_model
-from shared.modeling.transforms import center_square
-from shared.storage import write_json
-from tests.synthetic import make_image
+from tests.training_helpers import TINY, Recorder, write_cache
 from worker.training.data import TEST, TRAIN, VAL, CachedDataset, load_cache, stored_splits
 from worker.training.engine import BEST, CHECKPOINT, evaluate, fit, image_preparer
 from worker.training.optim import amp_dtype, apply_freeze, build_optimizer
 
 CPU = torch.device("cpu")
-# One pass per epoch (no minimum step count): these tests are about the engine's mechanics, not quality.
-TINY = {"base_model": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "epochs": 1,
-        "val_fraction": 0.2, "test_fraction": 0.2, "min_steps_per_epoch": 1}
-
-
-def write_cache(cache_dir: Path, *, classes: list[str], per_class: int, side: int = 40, seed: int = 0,
-                shuffle_labels: bool = False) -> Path:
-    """The ingestion cache format (images.npy memmap, labels.npy, splits.npy, index.json) from tests.synthetic."""
-    rng = random.Random(seed)
-    images = np.stack([np.asarray(center_square(make_image(c, rng, 40), side), dtype=np.uint8)
-                       for c in classes for _ in range(per_class)])
-    labels = np.repeat(np.arange(len(classes)), per_class).astype(np.int64)
-    if shuffle_labels:
-        labels = np.random.default_rng(seed).permutation(labels)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(cache_dir / "images.npy", images)
-    np.save(cache_dir / "labels.npy", labels)
-    np.save(cache_dir / "splits.npy", np.full(len(labels), -1, dtype=np.int8))
-    write_json(cache_dir / "index.json", {"classes": classes, "cache_size": side})
-    return cache_dir
-
-
-class Recorder:
-    """A reporter that keeps what it is told and can ask to stop after a number of finished epochs."""
-
-    def __init__(self, stop_after_epochs: int | None = None) -> None:
-        self.stop_after_epochs = stop_after_epochs
-        self.epochs: list[int] = []
-        self.progress_calls: list[dict[str, Any]] = []
-
-    def progress(self, progress: dict[str, Any]) -> None:
-        self.progress_calls.append(progress)
-
-    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self.epochs.append(epoch)
-
-    def stop_requested(self) -> bool:
-        return self.stop_after_epochs is not None and len(self.epochs) >= self.stop_after_epochs
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> CachedDataset:
     return load_cache(write_cache(tmp_path_factory.mktemp("tiny") / "cache", classes=["red", "green", "blue"],

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shared.hyperparameters import Hyperparameters
-from tests.test_training import TINY, Recorder, write_cache
+from tests.training_helpers import TINY, Recorder, write_cache
 from worker.training.auto import auto_batch_size, resolve
 from worker.training.averaging import WeightEma, ema_decay, recalibrate_bn, recalibration_indices
 from worker.training.data import TEST, TRAIN, VAL, held_out_fraction, load_cache, make_splits

@@ -1,16 +1,15 @@
 """run_training_job against real Postgres: a job trains and records its epochs and model, frozen-backbone
 jobs share cached features, and missing ImageNet weights fail the job with a sentence saying what to do."""
 
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.orm import Dataset, Job, JobEpoch, Model
+from shared.orm import Dataset, JobEpoch, Model
 from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, read_json
-from tests.test_training import TINY, write_cache
+from tests.training_helpers import load, queue, write_cache
 from worker.training.job import run_training_job
 
 
@@ -23,19 +22,6 @@ def dataset_id(migrated) -> str:  # type: ignore[no-untyped-def]
         dataset_id = dataset.id
     write_cache(dataset_cache(get_settings(), dataset_id), classes=["red", "green", "blue"], per_class=10)
     return dataset_id
-
-
-def queue(dataset_id: str, **hyperparameters: Any) -> str:
-    with session_scope() as session:
-        job = Job(dataset_id=dataset_id, status="queued", hyperparameters={**TINY, **hyperparameters})
-        session.add(job)
-        session.flush()
-        return job.id
-
-
-def load(job_id: str) -> Job:
-    with session_scope() as session:
-        return session.get(Job, job_id)
 
 
 def test_job_records_each_epoch_the_test_metrics_and_the_model(dataset_id):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.hyperparameters import Hyperparameters
-from tests.test_training import write_cache
+from tests.training_helpers import write_cache
 from worker.training.checkpoint import CheckpointWriter, host_copy, load_checkpoint
 from worker.training.data import CachedDataset, load_cache, make_splits, prepare_batch, random_boxes
 from worker.training.engine import BEST, CHECKPOINT, _mix, fit

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import REPO_ROOT
 from tests.live import CLASSES
+from tests.processes import REPO_ROOT
 from tests.synthetic import make_heldout, make_zip
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -19,8 +19,8 @@ from shared.db import session_scope
 from shared.jobstate import JobStatus, transition
 from shared.orm import BatchPrediction, Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id
 from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
-from tests.conftest import wait_for
 from tests.helpers import job_row, project_row, ready_dataset
+from tests.processes import wait_for
 from tests.webhook_receiver import receiving, verify
 from worker.webhooks import Refused, claim, deliver_due, finish, prune, resolve
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import Service, wait_for
+from tests.processes import Service, wait_for
 from tests.synthetic import make_zip
 from tests.webhook_receiver import Receiver, receiving
 
