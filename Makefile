@@ -28,6 +28,7 @@ test-fast: test-env install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) bench/train.py

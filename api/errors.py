@@ -4,6 +4,7 @@ in ``X-Request-ID`` and the logs). Under ``/v2`` (Open Inference Protocol) it al
 field KServe/Triton clients read."""
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -45,7 +46,7 @@ class ErrorBody(BaseModel):
 
 # Documented on every route so clients (and the schema fuzzer) know the shape of each error; the media type
 # is switched to application/problem+json in the schema by ``document_problems``.
-ERROR_RESPONSES: dict[int | str, dict] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 507)
 }
 
@@ -97,12 +98,12 @@ def not_found(kind: str, item_id: str) -> ApiError:
     return ApiError(404, f"{kind}_not_found", f"{kind} {shown} does not exist")
 
 
-def _field(loc: tuple) -> str:
+def _field(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 
 
-def _validation_detail(errors: list[dict]) -> str:
+def _validation_detail(errors: Sequence[Any]) -> str:
     return "; ".join(f"{_field(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors)
 
 

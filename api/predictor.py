@@ -46,7 +46,7 @@ class LoadedModel:
 
     @property
     def classes(self) -> list[str]:
-        return self.meta["classes"]
+        return list(self.meta["classes"])
 
     @property
     def image_size(self) -> int:
@@ -97,7 +97,7 @@ def load_model(directory: Path, model_id: str, device: Any) -> LoadedModel:
 class _Work:
     model: LoadedModel
     inputs: Any  # uint8 N x 3 x S x S
-    future: Future
+    future: Future[Any]
 
 
 class Ticket:
@@ -107,7 +107,7 @@ class Ticket:
         self.batcher = batcher
         self.submitted = False
 
-    def submit(self, model: LoadedModel, inputs: Any) -> Future:
+    def submit(self, model: LoadedModel, inputs: Any) -> Future[Any]:
         self.submitted = True
         return self.batcher.submit(model, inputs, announced=True)
 
@@ -149,8 +149,8 @@ class Batcher:
                     self._expected -= 1
                     self._cond.notify()
 
-    def submit(self, model: LoadedModel, inputs: Any, *, announced: bool = False) -> Future:
-        future: Future = Future()
+    def submit(self, model: LoadedModel, inputs: Any, *, announced: bool = False) -> Future[Any]:
+        future: Future[Any] = Future()
         with self._cond:
             if announced:
                 self._expected -= 1
@@ -298,6 +298,7 @@ class Predictor:
             owner = event is None
             if owner:
                 event = self._loading[model_id] = threading.Event()
+        assert event is not None  # ours, or the loader's we wait for
         if not owner:
             event.wait()
             with self._lock:
@@ -360,7 +361,8 @@ class Predictor:
 
 
 def get_predictor(request: Request) -> Predictor:
-    return request.app.state.predictor
+    predictor: Predictor = request.app.state.predictor
+    return predictor
 
 
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]

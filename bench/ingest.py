@@ -55,7 +55,7 @@ def make_dataset(root: Path, *, images: int, size: int, classes: int) -> tuple[P
     return folder, archive, blobs
 
 
-def bench_ingest(archive: Path, data_dir: Path) -> tuple[float, str]:
+def bench_ingest(archive: Path) -> tuple[float, str]:
     from shared.config import get_settings
     from shared.db import session_scope
     from shared.migrate import upgrade
@@ -201,7 +201,7 @@ def main() -> None:
               f"torch threads: {torch.get_num_threads()}; device: {device}")
 
         rows: list[tuple[str, str, float]] = []
-        ingest_rate, dataset_id = bench_ingest(archive, root / "data")
+        ingest_rate, dataset_id = bench_ingest(archive)
         rows.append(("ingestion (zip -> cache, real worker path)", "images/s", ingest_rate))
         for name, rate in bench_pools(blobs[:600], args.workers).items():
             rows.append((f"decode pool: {name}", "images/s", rate))

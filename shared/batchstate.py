@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
+from shared.db import changed
 from shared.jobstate import ALLOWED, FINAL, IllegalTransition, JobStatus
 from shared.orm import BatchPrediction, utcnow
 from shared.webhooks import batch_finished
@@ -34,7 +35,7 @@ def transition(
                                               BatchPrediction.status == expected.value)
     if also is not None:
         statement = statement.where(also)
-    won = session.execute(statement.values(**values)).rowcount == 1
+    won = changed(session, statement.values(**values)) == 1
     if won and to in FINAL:  # the webhook event commits (or rolls back) with the change itself
         batch_finished(session=session, batch_id=batch_id, status=to.value)
     return won

@@ -52,7 +52,7 @@ def main_options(ctx: typer.Context,
                                 ] = "http://127.0.0.1:8000",
                  api_key: Annotated[str | None, typer.Option("--api-key", envvar="TUNESERVE_API_KEY",
                                                              help="sent as 'Authorization: Bearer <key>'")] = None,
-                 show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
-                                                            help="print the version and exit")] = False,
+                 show_version: Annotated[bool, typer.Option(  # noqa: ARG001 (its eager callback does the work)
+                     "--version", is_eager=True, callback=_version, help="print the version and exit")] = False,
                  ) -> None:
     ctx.obj = (url, api_key)

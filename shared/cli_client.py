@@ -209,7 +209,10 @@ def _follow(client: Client, job_id: str, *, quiet: bool = False) -> Any:
 
 def _on_event(bar: Progress, task: Any, name: str, data: dict[str, Any], status: str, live: bool,
               quiet: bool) -> str:
-    say = (lambda text: None) if quiet else (lambda text: console.print(text, highlight=False))
+    def say(text: str) -> None:
+        if not quiet:
+            console.print(text, highlight=False)
+
     if name == "snapshot":
         status = data["status"]
         for epoch in data.get("history") or []:

@@ -136,6 +136,7 @@ def projects_create(name: Annotated[str, typer.Argument(help="lower-case letters
             session.rollback()
             fail(f"project '{name}' already exists (project_exists)")
         row = session.get(Project, name)
+        assert row is not None  # just committed
         body = {"name": row.name, "description": row.description, "quota_mb": row.quota_mb,
                 "created_at": _iso(row.created_at)}
     if as_json:
@@ -156,7 +157,7 @@ def projects_list(as_json: Json = False) -> None:
 
     settings = get_settings()
     with _session() as session:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for p in session.scalars(select(Project).order_by(Project.name)).all():
             usage = project_usage(session=session, settings=settings, project=p.name)
             rows.append({"name": p.name, "description": p.description, "quota_mb": p.quota_mb,

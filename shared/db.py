@@ -3,8 +3,9 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
@@ -51,3 +52,8 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def changed(session: Session, statement: Executable) -> int:
+    """Rows an UPDATE or DELETE touched: the guard of every "only if it is still ..." statement."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount

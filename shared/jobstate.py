@@ -6,6 +6,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
+from shared.db import changed
 from shared.orm import Job, utcnow
 from shared.webhooks import job_finished
 
@@ -69,7 +70,7 @@ def transition(
     statement = update(Job).where(Job.id == job_id, Job.status == expected.value)
     if also is not None:
         statement = statement.where(also)
-    won = session.execute(statement.values(**values)).rowcount == 1
+    won = changed(session, statement.values(**values)) == 1
     if won and to in FINAL:  # the webhook event commits (or rolls back) with the change itself
         job_finished(session=session, job_id=job_id, status=to.value)
     return won

@@ -78,8 +78,8 @@ def test_reconciler_sends_each_unsent_row_exactly_once(migrated):
     with session_scope() as session:
         session.execute(update(Dataset).where(Dataset.id == dataset_id)
                         .values(status="processing", created_at=old, enqueued_at=None))
-    assert sorted(send_unsent(settings=settings)) == sorted([unsent, dataset_id])
-    assert send_unsent(settings=settings) == []
+    assert sorted(send_unsent()) == sorted([unsent, dataset_id])
+    assert send_unsent() == []
     assert get_job(unsent).enqueued_at is not None and get_job(just_created).enqueued_at is None
     broker = redis.Redis.from_url(settings.broker)
     prefix = settings.broker_key_prefix

@@ -47,7 +47,7 @@ class Recorder:
     def progress(self, progress: dict[str, Any]) -> None:
         self.progress_calls.append(progress)
 
-    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:  # noqa: ARG002 (the reporter protocol)
+    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
         self.epochs.append(epoch)
 
     def stop_requested(self) -> bool:

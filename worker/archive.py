@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from gzip import GzipFile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 from shared.archives import archive_format
 from shared.storage import redact_paths
@@ -211,9 +211,10 @@ class ArchiveReader:
                 yield Entry(name, info.file_size)
 
     def _open_tar(self) -> tarfile.TarFile:
-        raw: BinaryIO = GzipFile(self.path) if self.format == "tar.gz" else self.path.open("rb")
-        try:
-            return tarfile.open(fileobj=_CappedStream(raw, self.max_bytes, self._too_large()), mode="r:")
+        raw = cast(BinaryIO, GzipFile(self.path)) if self.format == "tar.gz" else self.path.open("rb")
+        try:  # tarfile needs only read() of its file object, which _CappedStream has
+            return tarfile.open(fileobj=cast(IO[bytes], _CappedStream(raw, self.max_bytes, self._too_large())),
+                                mode="r:")
         except (tarfile.TarError, EOFError, OSError) as exc:
             raw.close()
             raise ArchiveError(f"the tar archive is corrupt: {redact_paths(str(exc))}", "corrupt_archive") from exc
@@ -232,7 +233,7 @@ class ArchiveReader:
                                "corrupt_archive") from exc
         finally:
             archive.close()
-            archive.fileobj.raw.close()  # type: ignore[union-attr]
+            cast(_CappedStream, archive.fileobj).raw.close()
 
     def _tar_entries(self) -> Iterator[Entry]:
         for _, member in self._walk_tar():
@@ -282,12 +283,12 @@ class ArchiveReader:
                     except Exception as exc:  # bad CRC, broken deflate/bzip2/lzma data: only this entry is lost
                         yield Member(name, b"", f"corrupt archive entry: {exc}")
             return
-        for archive, member in self._walk_tar():
+        for tar, member in self._walk_tar():
             name = clean_name(member.name)
             if name not in wanted or name in seen or not member.isfile():
                 continue
             seen.add(name)
-            yield self._member(name, member.size, lambda m=member, a=archive: a.extractfile(m), max_file_bytes)
+            yield self._member(name, member.size, lambda m=member, t=tar: t.extractfile(m), max_file_bytes)
 
     def read_file(self, path: str, *, max_file_bytes: int) -> Member:
         return next(self.read_files({path}, max_file_bytes=max_file_bytes))

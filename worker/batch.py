@@ -25,7 +25,7 @@ from sqlalchemy import select, update
 
 from shared.batchstate import BatchStatus, transition
 from shared.config import Settings, get_settings
-from shared.db import session_scope
+from shared.db import changed, session_scope
 from shared.modeling import load_model_artifact
 from shared.modeling.transforms import eval_uint8, normalize_batch
 from shared.orm import BatchPrediction, Model, utcnow
@@ -90,10 +90,10 @@ class Lease:
     def touch(self, **values: Any) -> None:
         """Renew the lease, writing ``values``, only while this worker holds it."""
         with session_scope() as session:
-            owned = session.execute(
+            owned = changed(session,
                 update(BatchPrediction).where(BatchPrediction.id == self.batch_id,
                                               BatchPrediction.worker_id == WORKER_ID)
-                .values(heartbeat_at=utcnow(), **values)).rowcount == 1
+                .values(heartbeat_at=utcnow(), **values)) == 1
             status = session.scalar(select(BatchPrediction.status).where(BatchPrediction.id == self.batch_id))
         if not owned:
             log.warning("batch %s is no longer leased to %s (now %s); stopping", self.batch_id, WORKER_ID, status)

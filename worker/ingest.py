@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from shared.config import Settings, get_settings
-from shared.db import session_scope
+from shared.db import changed, session_scope
 from shared.jobstate import DATASET_DELETED, DatasetStatus
 from shared.orm import Dataset, utcnow
 from shared.quota import remaining_bytes
@@ -46,12 +46,9 @@ class DatasetInvalid(ValueError):
 def _set(dataset_id: str, **values: Any) -> bool:
     """Update a dataset that is still processing; False if it was deleted or finished meanwhile."""
     with session_scope() as session:
-        result = session.execute(
-            update(Dataset)
-            .where(Dataset.id == dataset_id, Dataset.status == DatasetStatus.processing)
-            .values(updated_at=utcnow(), **values)
-        )
-        won = result.rowcount == 1
+        won = changed(session, update(Dataset)
+                      .where(Dataset.id == dataset_id, Dataset.status == DatasetStatus.processing)
+                      .values(updated_at=utcnow(), **values)) == 1
         # its webhook event commits with the change
         if won and values.get("status") in (DatasetStatus.ready, DatasetStatus.failed):
             dataset_finished(session=session, dataset_id=dataset_id, status=values["status"])
@@ -142,7 +139,7 @@ def decode_members(members: Iterator[Member], *, settings: Settings, workers: in
         except ImageRejected as exc:
             return member.path, str(exc), digest
 
-    pending: deque[Future] = deque()
+    pending: deque[Future[Any]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
         for member in members:
             pending.append(pool.submit(work, member))
@@ -272,7 +269,7 @@ def build_cache(*, dataset_id: str, settings: Settings) -> dict[str, Any]:
     }
 
 
-def _validate(counts: Counter, settings: Settings, rejected: list[dict[str, str]], *, enough: bool) -> None:
+def _validate(counts: Counter[str], settings: Settings, rejected: list[dict[str, str]], *, enough: bool) -> None:
     """Dataset-level checks; ``enough`` also checks per-class minimums (only known after decoding)."""
     if not counts:
         raise DatasetInvalid(
@@ -293,14 +290,15 @@ def _validate(counts: Counter, settings: Settings, rejected: list[dict[str, str]
 def _split_counts(kept: list[str], wanted: dict[str, tuple[str, str | None]]) -> dict[str, Any] | None:
     if all(wanted[p][1] is None for p in kept):
         return None
-    per_split: dict[str, Counter] = defaultdict(Counter)
+    per_split: dict[str, Counter[str]] = defaultdict(Counter)
     for p in kept:
         label, split = wanted[p]
         per_split[split or "unassigned"][label] += 1
     return {split: dict(sorted(c.items())) for split, c in sorted(per_split.items())}
 
 
-def _report(kept: list[str], wanted: dict, hashes: dict[str, str], counts: Counter) -> dict[str, Any]:
+def _report(kept: list[str], wanted: dict[str, tuple[str, str | None]], hashes: dict[str, str],
+            counts: Counter[str]) -> dict[str, Any]:
     by_hash: dict[str, list[str]] = defaultdict(list)
     for p in kept:
         by_hash[hashes[p]].append(p)

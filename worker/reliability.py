@@ -13,7 +13,7 @@ from sqlalchemy import or_, select, update
 from shared import batchstate
 from shared.celery_app import enqueue_batch, enqueue_ingest, enqueue_train
 from shared.config import Settings, get_settings
-from shared.db import session_scope
+from shared.db import changed, session_scope
 from shared.jobstate import FINAL, DatasetStatus, JobStatus, transition
 from shared.orm import BatchPrediction, Dataset, Job, utcnow
 from shared.storage import batch_dir, job_dir
@@ -94,7 +94,7 @@ def reap_stale_batches(*, settings: Settings) -> list[str]:
     return moved
 
 
-def send_unsent(*, settings: Settings) -> list[str]:
+def send_unsent() -> list[str]:
     """Send a message for every queued job or batch / processing dataset the broker never got. The guarded
     UPDATE on ``enqueued_at`` makes exactly one reconciler send each."""
     grace = utcnow() - timedelta(seconds=SEND_GRACE_SECONDS)
@@ -107,9 +107,9 @@ def send_unsent(*, settings: Settings) -> list[str]:
                 table.status == status, table.enqueued_at.is_(None), table.created_at < grace)).all()
         for row_id in ids:
             with session_scope() as session:
-                claimed = session.execute(update(table).where(
+                claimed = changed(session, update(table).where(
                     table.id == row_id, table.status == status, table.enqueued_at.is_(None)
-                ).values(enqueued_at=utcnow())).rowcount == 1
+                ).values(enqueued_at=utcnow())) == 1
             if not claimed:
                 continue
             try:
@@ -126,7 +126,7 @@ def send_unsent(*, settings: Settings) -> list[str]:
 def reconcile_once(*, settings: Settings) -> None:
     reap_stale_jobs(settings=settings)
     reap_stale_batches(settings=settings)
-    send_unsent(settings=settings)
+    send_unsent()
 
 
 def start_reconciler(settings: Settings | None = None) -> threading.Event:

@@ -22,7 +22,7 @@ import httpx
 from sqlalchemy import delete, or_, select, update
 
 from shared.config import Settings, get_settings
-from shared.db import session_scope
+from shared.db import changed, session_scope
 from shared.orm import Webhook, WebhookDelivery, WebhookEvent, utcnow
 from shared.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, DeliveryStatus, sign
 
@@ -55,7 +55,7 @@ def backoff_seconds(*, attempts: int, settings: Settings) -> float:
     """Wait after the ``attempts``-th failure: doubling from WEBHOOK_BACKOFF_SECONDS, capped, with jitter
     (half to all of it) so receivers that come back are not hit by every retry at once."""
     delay = min(settings.webhook_backoff_max_seconds, settings.webhook_backoff_seconds * 2 ** (attempts - 1))
-    return delay * random.uniform(0.5, 1.0)
+    return float(delay * random.uniform(0.5, 1.0))
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -76,8 +76,8 @@ def claim(*, settings: Settings) -> Claimed | None:
         delivery_id = session.scalar(query)
         if delivery_id is None:
             return None
-        taken = session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, *due).values(
-            lease_until=now + timedelta(seconds=lease_seconds(settings)), leased_by=lease)).rowcount == 1
+        taken = changed(session, update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, *due).values(
+            lease_until=now + timedelta(seconds=lease_seconds(settings)), leased_by=lease)) == 1
         if not taken:  # SQLite: another sender took it between our read and our update
             return None
         row = session.execute(
@@ -157,9 +157,9 @@ def finish(*, claimed: Claimed, status_code: int | None, error: str | None,
         status = "pending"
         next_at = now + timedelta(seconds=backoff_seconds(attempts=attempts, settings=settings))
     with session_scope() as session:
-        recorded = session.execute(update(WebhookDelivery).where(
+        recorded = changed(session, update(WebhookDelivery).where(
             WebhookDelivery.id == claimed.id, WebhookDelivery.leased_by == claimed.lease
-        ).values(status=status, next_attempt_at=next_at, **values)).rowcount == 1
+        ).values(status=status, next_attempt_at=next_at, **values)) == 1
     return status if recorded else None
 
 
@@ -201,8 +201,7 @@ def prune(*, settings: Settings) -> int:
     pending = select(WebhookDelivery.id).where(WebhookDelivery.event_id == WebhookEvent.id,
                                                WebhookDelivery.status == "pending")
     with session_scope() as session:
-        return session.execute(delete(WebhookEvent).where(WebhookEvent.created_at < cutoff, ~pending.exists())
-                               ).rowcount
+        return changed(session, delete(WebhookEvent).where(WebhookEvent.created_at < cutoff, ~pending.exists()))
 
 
 def start_sender(settings: Settings | None = None, *, shutdown: threading.Event | None = None) -> threading.Event:

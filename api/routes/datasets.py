@@ -4,9 +4,10 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import PrincipalDep
 from api.deps import PageDep, ProjectQuery, SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import DatasetForm, DatasetPublic, DatasetsPublic, DatasetStatus
+from api.schemas import DatasetForm, DatasetPublic, DatasetsPublic
 from api.services import datasets, project_or_404
 from api.uploads import receive_form, refuse_if_disk_low
+from shared.jobstate import DatasetStatus
 from shared.orm import DEFAULT_PROJECT
 from shared.quota import remaining_bytes
 

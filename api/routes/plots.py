@@ -17,7 +17,7 @@ from shared.storage import model_dir
 
 router = APIRouter(tags=["plots"])
 
-PNG = {200: {"content": {"image/png": {}}}}
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}}
 NO_STORE = {"Cache-Control": "no-store"}
 
 

@@ -44,8 +44,8 @@ def project_or_404(session: Session, name: str, *, principal: Principal) -> Proj
     return project
 
 
-def scoped(query: Select, column: InstrumentedAttribute, *, session: Session, principal: Principal,
-           project: str | None) -> Select:
+def scoped(query: Select[Any], column: InstrumentedAttribute[str], *, session: Session, principal: Principal,
+           project: str | None) -> Select[Any]:
     """``query`` limited to the projects the caller may see, and to ``project`` when one is asked for."""
     if project is not None:
         project_or_404(session, project, principal=principal)

@@ -1,6 +1,7 @@
 """Webhook operations behind the routes. Nothing here ever connects to a hook's URL: workers do, at
 delivery time, after resolving and checking its address (worker.webhooks)."""
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
@@ -72,7 +73,7 @@ def delete(*, session: Session, hook_id: str, principal: Principal) -> None:
 
 
 def deliveries(*, session: Session, hook_id: str, principal: Principal, status: DeliveryStatus | None, limit: int,
-               offset: int) -> tuple[list[dict], int]:
+               offset: int) -> tuple[list[dict[str, Any]], int]:
     get(session=session, hook_id=hook_id, principal=principal)
     query = (select(WebhookDelivery, WebhookEvent.type)
              .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)

@@ -25,7 +25,7 @@ def save_model_artifact(*, directory: Path, model: nn.Module, meta: dict[str, An
         write_json(tmp / META_FILE, meta)
 
 
-def load_model_artifact(*, directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model_artifact(*, directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     meta = read_json(directory / META_FILE)
     model = build_model(
         base_model=meta["base_model"],

@@ -1,6 +1,7 @@
 """ResNet backbones with our classification head, and where their starting weights come from."""
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ def _imagenet_state_dict(base_model: str) -> dict[str, torch.Tensor]:
             f"{Path(weights_enum.url).name} into {hub_dir}, or train with weights 'none' or a file in "
             "WEIGHTS_DIR."
         )
-    return torch.load(file, map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = torch.load(file, map_location="cpu", weights_only=True)
+    return state
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -66,7 +68,7 @@ def build_model(
 ) -> nn.Module:
     """A torchvision ResNet whose ``fc`` is our head: GAP -> [Linear 1024 -> ReLU -> Dropout] -> Linear."""
     factory, _ = ARCHS[base_model]
-    model = factory(weights=None)
+    model: nn.Module = factory(weights=None)
     if weights != "none":
         if weights == "imagenet":
             state = _imagenet_state_dict(base_model)
@@ -81,10 +83,10 @@ def build_model(
             raise WeightsUnavailable(
                 f"weights '{weights}' do not fit {base_model}: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-    in_features = model.fc.in_features
+    in_features = cast(nn.Linear, model.get_submodule("fc")).in_features
     model.fc = make_head(in_features=in_features, num_classes=num_classes, head=head, dropout=dropout)
     return model
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.fc.parameters())
+    return list(model.get_submodule("fc").parameters())

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.multiprocessing.spawn import start_processes
 from torch.nn.parallel import DistributedDataParallel
 
 from shared.hyperparameters import Hyperparameters
@@ -147,13 +148,13 @@ class RankReporter:
             self.events.put(("epoch", epoch, metrics))
 
     def stop_requested(self) -> bool:
-        return self.stop.is_set()
+        return bool(self.stop.is_set())
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def _rank_main(rank_id: int, world: int, port: int, job: dict[str, Any], events: Any, stop: Any) -> None:
@@ -213,7 +214,7 @@ def fit_distributed(
     (work_dir / RESULT).unlink(missing_ok=True)
     job = {"hp": hp.model_dump(), "cache_dir": str(cache_dir), "splits": splits, "device": device.type,
            "work_dir": str(work_dir), "weights_dir": weights_dir, "compile_model": compile_model}
-    ranks = mp.start_processes(_rank_main, args=(world, _free_port(), job, events, stop), nprocs=world,
+    ranks = start_processes(_rank_main, args=(world, _free_port(), job, events, stop), nprocs=world,
                                join=False, start_method="spawn")
     while not ranks.join(timeout=0.5):
         _forward(events, reporter)
