@@ -51,9 +51,10 @@ USER = {
     "mnist": {"epochs": 5, "image_size": 32, "weights": "none"},
 }
 
-# Before issue 13's work: batch 32, random-resized-crop + flip, 15% + 15% held out, no EMA, BN as trained.
+# Before issue 13's work: batch 32, random-resized-crop + flip, 15% + 15% held out, no EMA, BN as trained,
+# one pass over the data per epoch.
 TODAY = {"batch_size": 32, "augment": "basic", "val_fraction": 0.15, "test_fraction": 0.15, "ema": "off",
-         "recalibrate_bn": "off", "learning_rate": 1e-3}
+         "recalibrate_bn": "off", "learning_rate": 1e-3, "min_steps_per_epoch": 1}
 SETTINGS: dict[str, dict[str, Any]] = {
     "today": TODAY,
     "defaults": {},
@@ -71,7 +72,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "classic": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 32, "lr_schedule": "constant",
                 "augment": "none", "backbone_lr_factor": 1.0, "weight_decay": 0, "label_smoothing": 0,
                 "dropout": 0, "mixed_precision": "off", "channels_last": False, "ema": "off",
-                "recalibrate_bn": "off", "val_fraction": 0.15, "test_fraction": 0.15},
+                "recalibrate_bn": "off", "val_fraction": 0.15, "test_fraction": 0.15, "min_steps_per_epoch": 1},
 }
 
 
@@ -174,13 +175,14 @@ def run(data: Data, user: dict[str, Any], setting: str, seed: int, weights_dir: 
 
 
 def pretrain(cache_dir: Path, weights_dir: Path) -> str:
-    """A weights file made by pretraining on one real dataset (MNIST), to fine-tune on another (digits)."""
+    """A weights file made by pretraining on one real dataset (digits, every image), to fine-tune on another
+    (the colours): a stand-in for ImageNet weights, which this offline machine does not have."""
     from safetensors.torch import save_file
 
-    name = "mnist-pretrained.safetensors"
+    name = "digits-pretrained.safetensors"
     if (weights_dir / name).is_file():
         return name
-    data = load("mnist", cache_dir)
+    data = load("digits", cache_dir)
     hp = Hyperparameters(epochs=8, image_size=32, weights="none", seed=0)
     splits = make_splits(labels=data.labels, preset=np.full(len(data.labels), -1), val_fraction=0.1,
                          test_fraction=0.0, seed=0)
@@ -192,7 +194,7 @@ def pretrain(cache_dir: Path, weights_dir: Path) -> str:
     backbone = {k: v.contiguous() for k, v in result.model.state_dict().items() if not k.startswith("fc.")}
     weights_dir.mkdir(parents=True, exist_ok=True)
     save_file(backbone, str(weights_dir / name))
-    print(f"pretrained on mnist: val {result.val.get('accuracy')}", flush=True)
+    print(f"pretrained on digits: val {result.val.get('accuracy')}", flush=True)
     return name
 
 
@@ -202,7 +204,7 @@ def main() -> None:
     parser.add_argument("--settings", default="today,defaults,hand")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--finetune", action="store_true",
-                        help="also: pretrain on mnist, fine-tune on digits from that file (WEIGHTS_DIR)")
+                        help="also: pretrain on digits, fine-tune the colours from that file (WEIGHTS_DIR)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "tuneserve-quality")
     parser.add_argument("--json", type=Path, default=None, help="append every run as a JSON line")
     parser.add_argument("--list", action="store_true")
@@ -218,11 +220,11 @@ def main() -> None:
     if args.finetune:
         weights_dir = args.cache_dir / "weights"
         file = pretrain(args.cache_dir, weights_dir)
-        plan.append(("digits", {**USER["digits"], "weights": file}, weights_dir))
+        plan.append(("colours", {**USER["colours"], "weights": file}, weights_dir))
     rows = []
     for name, user, weights_dir in plan:
         data = load(name, args.cache_dir)
-        label = name if weights_dir is None else f"{name} (from mnist weights)"
+        label = name if weights_dir is None else f"{name} (digits weights)"
         for setting in args.settings.split(","):
             runs = []
             for seed in seeds:

@@ -20,7 +20,7 @@ CLASSIC_RECIPE: dict[str, object] = {
 }
 
 
-def _auto_or_number(kind: type[int] | type[float], **bounds: float) -> Any:
+def _auto_or_number(kind: type[int] | type[float], **bounds: float) -> tuple[PlainValidator, WithJsonSchema]:
     """``"auto"`` or a number within ``bounds`` (pydantic's ge/gt/le/lt), failing with ONE error that names
     the field (a plain ``int | Literal["auto"]`` union reports a failure per member)."""
     checks = {"ge": (operator.ge, "greater than or equal to", "greater_than_equal"),
@@ -44,11 +44,12 @@ def _auto_or_number(kind: type[int] | type[float], **bounds: float) -> Any:
     number: dict[str, Any] = {"type": "integer" if kind is int else "number"}
     number |= {{"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}[k]: v
                for k, v in bounds.items()}
-    schema = {"anyOf": [number, {"const": "auto", "type": "string"}]}
-    return Annotated[int | float | str, PlainValidator(validate), WithJsonSchema(schema)]
+    return PlainValidator(validate), WithJsonSchema({"anyOf": [number, {"const": "auto", "type": "string"}]})
 
 
-Fraction = _auto_or_number(float, ge=0, lt=0.5)
+BatchSize = Annotated[int | Literal["auto"], *_auto_or_number(int, ge=1, le=4096)]
+LearningRate = Annotated[float | Literal["auto"], *_auto_or_number(float, gt=0, le=10)]
+Fraction = Annotated[float | Literal["auto"], *_auto_or_number(float, ge=0, lt=0.5)]
 
 
 class Hyperparameters(BaseModel):
@@ -73,10 +74,10 @@ class Hyperparameters(BaseModel):
     base_model: Literal["resnet50", "resnet18", "resnet34", "resnet101"] = "resnet50"
     weights: str = Field("imagenet", max_length=255)
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: _auto_or_number(int, ge=1, le=4096) = "auto"  # type: ignore[valid-type]
+    batch_size: BatchSize = "auto"
     # An epoch is at least this many optimizer steps: smaller datasets are passed over several times.
     min_steps_per_epoch: int = Field(25, ge=1, le=100_000)
-    learning_rate: _auto_or_number(float, gt=0, le=10) = "auto"  # type: ignore[valid-type]
+    learning_rate: LearningRate = "auto"
     backbone_lr_factor: float = Field(0.1, ge=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.05, ge=0, le=1)
@@ -97,8 +98,8 @@ class Hyperparameters(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1, le=1000)
     class_weighting: Literal["none", "balanced"] = "none"
     # auto: 15% each of a class with 60+ images, down to 8% (at least one image) for small classes.
-    val_fraction: Fraction = "auto"  # type: ignore[valid-type]
-    test_fraction: Fraction = "auto"  # type: ignore[valid-type]
+    val_fraction: Fraction = "auto"
+    test_fraction: Fraction = "auto"
     # Exponential moving average of the weights, evaluated beside the raw weights every epoch.
     ema: Literal["auto", "on", "off"] = "auto"
     # Re-estimate BatchNorm running statistics on training images before each evaluation.

@@ -17,8 +17,12 @@ from tests.synthetic import make_zip
 FAST_RECOVERY = {"TUNESERVE_HEARTBEAT_SECONDS": "0.5", "TUNESERVE_LEASE_TIMEOUT_SECONDS": "4",
                  "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "0.5"}
 # Slow enough per epoch (a few seconds on 2 cores) that a test can act between epochs.
-SLOW_JOB = {"epochs": 3, "image_size": 64, "weights": "none", "batch_size": 16, "base_model": "resnet50"}
-FAST_JOB = {"epochs": 1, "image_size": 32, "weights": "none", "batch_size": 16, "base_model": "resnet18"}
+# One pass per epoch: these tests time kills by epochs, and a small dataset would otherwise be passed over
+# several times per epoch (min_steps_per_epoch).
+SLOW_JOB = {"epochs": 3, "image_size": 64, "weights": "none", "batch_size": 16, "base_model": "resnet50",
+            "min_steps_per_epoch": 1}
+FAST_JOB = {"epochs": 1, "image_size": 32, "weights": "none", "batch_size": 16, "base_model": "resnet18",
+            "min_steps_per_epoch": 1}
 
 
 def ready_dataset(service: Service, tmp_path, per_class: int = 40) -> str:  # type: ignore[no-untyped-def]

@@ -61,7 +61,8 @@ def check_delete(service: Service, tmp_path: Path, data_dir: Path) -> None:
         assert (data_dir / "datasets" / ready["id"] / "cache" / "images.npy").is_file()
 
         job = client.post("/v1/jobs", json={"dataset_id": ready["id"], "hyperparameters": {
-            "base_model": "resnet18", "weights": "none", "epochs": 1, "image_size": 32, "batch_size": 4}})
+            "base_model": "resnet18", "weights": "none", "epochs": 1, "image_size": 32, "batch_size": 4,
+            "min_steps_per_epoch": 1}})
         assert job.status_code == 202, job.text
         in_use = client.delete(f"/v1/datasets/{ready['id']}")
         assert in_use.status_code == 409 and in_use.json()["code"] == "dataset_in_use"

@@ -13,7 +13,7 @@ from tests.webhook_receiver import Receiver, receiving
 
 SECRET = "live-webhook-secret-0123"
 TINY_JOB = {"base_model": "resnet18", "weights": "none", "epochs": 1, "image_size": 32, "batch_size": 8,
-            "channels_last": False}
+            "channels_last": False, "min_steps_per_epoch": 1}
 LIVE = {"TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_BACKOFF_SECONDS": "0.5",
         "TUNESERVE_WEBHOOK_BACKOFF_MAX_SECONDS": "1", "TUNESERVE_WEBHOOK_POLL_SECONDS": "0.2",
         "TUNESERVE_HEARTBEAT_SECONDS": "0.5", "TUNESERVE_LEASE_TIMEOUT_SECONDS": "4",

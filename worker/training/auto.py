@@ -68,8 +68,15 @@ def passes_per_epoch(train_count: int, hp: Hyperparameters) -> int:
     return max(1, math.ceil(hp.min_steps_per_epoch * batch / max(train_count, 1)))
 
 
+def learning_rate_of(hp: Hyperparameters) -> float:
+    """The head's learning rate of a resolved run."""
+    if isinstance(hp.learning_rate, str):
+        raise ValueError("learning_rate is still 'auto': resolve() the hyperparameters first")
+    return float(hp.learning_rate)
+
+
 def batch_size_of(hp: Hyperparameters) -> int:
     """The batch size of a resolved run (``resolve`` has replaced ``auto``)."""
-    if not isinstance(hp.batch_size, int):
+    if isinstance(hp.batch_size, str):
         raise ValueError("batch_size is still 'auto': resolve() the hyperparameters first")
     return hp.batch_size

@@ -43,7 +43,7 @@ class WeightEma:
         self.updates += 1
         # Warm-up: the first steps' average would otherwise be mostly the random initialisation.
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averaged = list(self.module.parameters())
+        averaged: list[torch.Tensor] = list(self.module.parameters())
         current = [p.detach() for p in self.source.parameters()]
         torch._foreach_lerp_(averaged, current, 1.0 - decay)
         for mine, theirs in zip(self.module.buffers(), self.source.buffers(), strict=True):

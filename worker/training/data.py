@@ -94,7 +94,8 @@ def stored_splits(*, splits_dir: Path, data: CachedDataset, hp: Hyperparameters)
     are always the test set, whichever job, worker or library version asks later."""
     path = splits_dir / f"seed{hp.seed}-val{hp.val_fraction}-test{hp.test_fraction}.npy"
     if path.is_file():
-        return np.load(path)
+        kept: np.ndarray = np.load(path)
+        return kept
     splits = make_splits(labels=data.labels, preset=data.preset_splits, val_fraction=hp.val_fraction,
                          test_fraction=hp.test_fraction, seed=hp.seed)
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
@@ -140,8 +141,9 @@ def crop_resize(batch: torch.Tensor, boxes: torch.Tensor, image_size: int) -> to
         boxes = boxes.to(batch.device)
         index = torch.arange(len(boxes), dtype=torch.float32, device=batch.device).unsqueeze(1)
         rois = torch.cat([index, boxes.float()], dim=1)
-        return roi_align(batch.float(), rois, output_size=image_size, spatial_scale=1.0, sampling_ratio=-1,
-                         aligned=True)
+        aligned: torch.Tensor = roi_align(batch.float(), rois, output_size=image_size, spatial_scale=1.0,
+                                          sampling_ratio=-1, aligned=True)
+        return aligned
     batch = batch.contiguous(memory_format=torch.channels_last)
     size = (image_size, image_size)
     pixels = boxes.round().long()

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
 from worker.training import distributed
-from worker.training.auto import passes_per_epoch, resolve
+from worker.training.auto import batch_size_of, passes_per_epoch, resolve
 from worker.training.averaging import WeightEma, ema_decay, eval_batches, recalibrate_bn, recalibration_indices
 from worker.training.calibration import calibration_report
 from worker.training.checkpoint import CheckpointWriter, load_checkpoint
@@ -48,7 +48,8 @@ def image_preparer(hp: Hyperparameters) -> Prepare:
     return prepare
 
 
-def feature_preparer(raw: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
+def feature_preparer(raw: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:  # noqa: ARG001
+    # A Prepare: cached backbone features take no augmentation, so ``train`` and ``generator`` go unused.
     return raw.float()
 
 
@@ -111,7 +112,7 @@ def train_one_epoch(
     for module in frozen:
         module.eval()  # frozen stages keep their BatchNorm statistics too
     order = indices[torch.randperm(len(indices), generator=generator).numpy()]
-    chunks = plan_batches(order, hp.batch_size, pad=True)
+    chunks = plan_batches(order, batch_size_of(hp), pad=True)
     steps = max(1, len(chunks))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     augment = torch.Generator(device=device).manual_seed(seed)
@@ -157,7 +158,7 @@ def evaluate(
     model.eval()
     probs, labels_out = [], []
     generator = torch.Generator(device=device).manual_seed(0)  # the eval crop draws nothing
-    chunks = plan_batches(np.sort(indices), batch_size or hp.batch_size * 2, pad=False)
+    chunks = plan_batches(np.sort(indices), batch_size or batch_size_of(hp) * 2, pad=False)
     with BatchProducer(data, chunks, device=device) as batches:
         for raw, labels in batches:
             images = prepare(raw, False, generator)
@@ -224,7 +225,7 @@ def _fit(
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(hp, device)
     passes = passes_per_epoch(distributed.shard_size(len(train_idx)), hp)
-    steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)) * passes, hp.batch_size,
+    steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)) * passes, batch_size_of(hp),
                                          drop_last=True))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, steps_per_epoch)
@@ -238,8 +239,8 @@ def _fit(
             path=features_path(features_dir=features_dir, hp=hp, weights_dir=weights_dir), model=model, data=data,
             hp=hp, device=device, dtype=dtype)
         prepare, source = feature_preparer, dataclasses.replace(data, images=features)
-    trainable = model.fc if features_reused is not None else model
-    runner = torch.compile(trainable) if compile_model else trainable
+    trainable = model.get_submodule("fc") if features_reused is not None else model
+    runner = cast(nn.Module, torch.compile(trainable)) if compile_model else trainable
     trainer = distributed.wrap(runner, device)
     ema = WeightEma(trainable, decay=ema_decay(hp.epochs * steps_per_epoch)) if hp.ema == "on" else None
     recalibration = recalibration_indices(train_idx, seed=hp.seed) if hp.recalibrate_bn == "on" else None
@@ -276,7 +277,7 @@ def _fit(
             if writer.poll() and (now - last_report >= 2.0 or step == steps):
                 last_report = now
                 rate = seen * distributed.world_size() / max(now - epoch_start, 1e-9)
-                left = ((steps - step) + (hp.epochs - epoch) * steps) * hp.batch_size * distributed.world_size()
+                left = ((steps - step) + (hp.epochs - epoch) * steps) * batch_size_of(hp) * distributed.world_size()
                 reporter.progress({"epoch": epoch, "epochs": hp.epochs, "step": step, "steps": steps,
                                    "images_per_second": round(rate, 2), "eta_seconds": round(left / rate, 1)})
             if reporter.stop_requested():
@@ -299,7 +300,7 @@ def _fit(
         scores: dict[str, tuple[float, float]] = {}
         for name, module in (("raw", trainable), *((("ema", ema.module),) if ema is not None else ())):
             if recalibration is not None:
-                recalibrate_bn(module, eval_batches(data=source, indices=recalibration, batch_size=hp.batch_size,
+                recalibrate_bn(module, eval_batches(data=source, indices=recalibration, batch_size=batch_size_of(hp),
                                                     device=device, prepare=prepare), autocast=(device, dtype))
             probs, labels = distributed.gather(*evaluate(
                 model=module, data=source, indices=distributed.shard(val_idx), hp=hp, device=device, dtype=dtype,
@@ -344,16 +345,16 @@ def _fit(
             break
 
     if not distributed.is_main():  # rank 0 alone scores and returns the model
-        return FitResult(model=model, history=history, best_epoch=best["epoch"], stopped=stopped, hp=hp)
+        return FitResult(model=model, history=history, best_epoch=int(best["epoch"]), stopped=stopped, hp=hp)
     writer.wait()  # best.pt of the last epoch may still be in flight
     best_state = load_checkpoint(work_dir / BEST)
     final = copy.deepcopy(model)
     if best_state is not None:
         final.load_state_dict(best_state["model"])
-    result = FitResult(model=final, history=history, best_epoch=best["epoch"], stopped=stopped, hp=hp,
+    result = FitResult(model=final, history=history, best_epoch=int(best["epoch"]), stopped=stopped, hp=hp,
                        features_reused=features_reused)
     if stopped != "cancelled":
-        scorer = final.fc if features_reused is not None else final
+        scorer = final.get_submodule("fc") if features_reused is not None else final
         scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, idx in (("val", val_idx), ("test", test_idx)):
             probs, labels = evaluate(model=scorer, data=source, indices=idx, hp=hp, device=device, dtype=dtype,

@@ -14,6 +14,7 @@ from torch import nn
 
 from shared.hyperparameters import Hyperparameters
 from shared.storage import atomic_path
+from worker.training.auto import batch_size_of
 from worker.training.data import CachedDataset, iterate_batches, prepare_batch
 
 
@@ -49,7 +50,7 @@ def compute_features(
         model.eval()
         generator = torch.Generator().manual_seed(0)
         chunks = []
-        for raw, _ in iterate_batches(data, np.arange(len(data.labels)), batch_size=max(64, hp.batch_size * 2),
+        for raw, _ in iterate_batches(data, np.arange(len(data.labels)), batch_size=max(64, batch_size_of(hp) * 2),
                                       shuffle=False, generator=generator, device=device):
             images = prepare_batch(raw, image_size=hp.image_size, train=False, augment="none",
                                    generator=generator, channels_last=hp.channels_last)

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from shared.config import Settings, get_settings
-from shared.db import get_engine, session_scope
+from shared.db import changed, get_engine, session_scope
 from shared.hyperparameters import Hyperparameters
 from shared.jobstate import JobStatus, transition
 from shared.modeling import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable, resize_size_for, save_model_artifact
@@ -61,8 +61,8 @@ class JobReporter:
     def _touch(self, **values: Any) -> None:
         """Renew the lease, writing ``values``, only while this worker holds it; notice cancels and loss."""
         with session_scope() as session:
-            owned = session.execute(update(Job).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
-                                    .values(heartbeat_at=utcnow(), **values)).rowcount == 1
+            owned = changed(session, update(Job).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
+                            .values(heartbeat_at=utcnow(), **values)) == 1
             status = session.scalar(select(Job.status).where(Job.id == self.job_id))
         if not owned:
             log.warning("job %s is no longer leased to %s (now %s); stopping", self.job_id, WORKER_ID, status)
@@ -91,7 +91,7 @@ class JobReporter:
         return self._cancel.is_set() or self.lost.is_set() or SHUTDOWN.is_set()
 
 
-def claim(*, job_id: str, settings: Settings) -> Job | None:
+def claim(*, job_id: str) -> Job | None:
     """Take the job for this worker: queued -> running, or None if it is not ours to run."""
     with session_scope() as session:
         job = session.get(Job, job_id)
@@ -121,7 +121,7 @@ def _fail(job_id: str, message: str, code: str, settings: Settings) -> None:
 
 def run_training_job(job_id: str, *, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    job = claim(job_id=job_id, settings=settings)
+    job = claim(job_id=job_id)
     if job is None:
         return
     try:

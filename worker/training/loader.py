@@ -67,7 +67,7 @@ class BatchProducer:
         self.ready: queue.Queue[tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | BaseException
                                 | None] = queue.Queue(maxsize=2)
         self.stop = threading.Event()
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = torch.cuda.Stream(device) if self.cuda else None  # type: ignore[no-untyped-call]
         self.thread = threading.Thread(target=self._produce, name="batch-producer", daemon=True)
         self.started = False
 
@@ -123,7 +123,7 @@ class BatchProducer:
                     with torch.cuda.stream(self.stream):
                         images = images.to(self.device, non_blocking=True)
                         labels = labels.to(self.device, non_blocking=True)
-                        event = torch.cuda.Event()
+                        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                         event.record(self.stream)
                     slot.copied = event
                 if not self._put((index, images, labels, event)):

@@ -1,11 +1,13 @@
 """Optimiser, learning-rate schedule, freezing and precision choices for a fine-tuning run."""
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from shared.hyperparameters import Hyperparameters
+from worker.training.auto import learning_rate_of
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -33,8 +35,8 @@ def frozen_modules(model: nn.Module, stages: int) -> list[nn.Module]:
     """Stem is stage 0; layer1..layer4 are stages 1..4. ``stages`` < 0 freezes nothing."""
     if stages < 0:
         return []
-    modules: list[nn.Module] = [model.conv1, model.bn1]
-    modules += [getattr(model, f"layer{i}") for i in range(1, stages + 1)]
+    modules = [model.get_submodule("conv1"), model.get_submodule("bn1")]
+    modules += [model.get_submodule(f"layer{i}") for i in range(1, stages + 1)]
     return modules
 
 
@@ -57,19 +59,20 @@ def build_optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimi
         no_decay = param.ndim <= 1
         groups.setdefault((is_head, no_decay), []).append(param)
     backbone_factor = hp.backbone_lr_factor if hp.weights != "none" else 1.0
-    param_groups = []
+    head_lr = learning_rate_of(hp)
+    param_groups: list[dict[str, Any]] = []
     for (is_head, no_decay), params in groups.items():
-        lr = hp.learning_rate * (1.0 if is_head else backbone_factor)
+        lr = head_lr * (1.0 if is_head else backbone_factor)
         param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else hp.weight_decay,
                              "name": ("head" if is_head else "backbone") + ("_no_decay" if no_decay else "")})
     # On CUDA the fused kernels update every parameter in a few launches instead of several per tensor.
     fused = all(param.is_cuda for group in param_groups for param in group["params"]) or None
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=hp.learning_rate, momentum=0.9, nesterov=True, fused=fused)
+        return torch.optim.SGD(param_groups, lr=head_lr, momentum=0.9, nesterov=True, fused=fused)
     if hp.optimizer == "adam":
         # Adam's weight_decay is L2 in the gradient; kept for the classic recipe's sake.
-        return torch.optim.Adam(param_groups, lr=hp.learning_rate, fused=fused)
-    return torch.optim.AdamW(param_groups, lr=hp.learning_rate, fused=fused)
+        return torch.optim.Adam(param_groups, lr=head_lr, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=head_lr, fused=fused)
 
 
 # compile: auto. Compiling ResNet fwd+bwd with inductor takes about this long, cold, on the H200 (bench/gpu.sh's
