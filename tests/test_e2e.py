@@ -60,7 +60,10 @@ def run_walkthrough(service: Service, tmp_path: Path) -> None:
         assert len(body["predictions"]) == len(heldout)
         assert all(len(p["top"]) == 3 for p in body["predictions"])  # top_k 5 clamped to 3 classes
         correct = sum(p["top"][0]["label"] == label for p, (label, _) in zip(body["predictions"], heldout, strict=True))
-        assert correct / len(heldout) >= 0.9, (correct, time.monotonic() - started)
+        # One run from scratch on 72 images varies with the order the archive is read in and the thread count: 25
+        # to 30 of 30 seen here. bench/quality.py measures the mean over seeds (0.99 on this data); a model at
+        # chance (10 of 30, what these defaults gave before issue 13) fails this by far.
+        assert correct / len(heldout) >= 0.8, (correct, time.monotonic() - started)
 
 
 @pytest.mark.slow
