@@ -141,7 +141,7 @@ def naive(files: list[tuple[Path, int]], splits: np.ndarray, args: argparse.Name
 def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, features_dir: Path | None = None,
          compile_model: bool = False, label: str = "", **overrides: Any) -> dict[str, float]:
     hp = Hyperparameters(base_model=args.base_model, weights="none", epochs=args.epochs, image_size=args.image_size,
-                         batch_size=args.batch_size, **overrides)
+                         batch_size=args.batch_size or "auto", **overrides)
     started = time.perf_counter()
     result = fit(hp=hp, data=data, splits=splits, device=torch.device(args.device), work_dir=work,
                  weights_dir=None, reporter=Quiet(args.step, label), features_dir=features_dir,
@@ -167,7 +167,7 @@ def input_pipeline(data: Any, splits: np.ndarray, args: argparse.Namespace) -> d
     seen, out = 0, torch.zeros(())
     for epoch in range(args.epochs):
         order = np.random.default_rng(epoch).permutation(train)
-        with BatchProducer(data, plan_batches(order, args.batch_size, pad=True), device=device) as batches:
+        with BatchProducer(data, plan_batches(order, args.batch_size or 64, pad=True), device=device) as batches:
             for raw, labels in batches:
                 out = prepare_batch(raw, image_size=args.image_size, train=True, augment="basic",
                                     generator=generator, channels_last=True)
@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="for ours; the naive recipe always uses 32")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="for ours (default: auto, as a job that names none); the naive recipe always uses 32")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--base-model", default="resnet50")
     parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers for the naive recipe")

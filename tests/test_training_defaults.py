@@ -19,7 +19,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize(("train_count", "device", "expected"), [
-    (60, CPU, 8), (400, CPU, 16), (1000, CPU, 32), (2800, CPU, 64), (100_000, CPU, 64),
+    (60, CPU, 32), (400, CPU, 32), (1000, CPU, 32), (2800, CPU, 64), (100_000, CPU, 64),
     (2800, CUDA, 64), (100_000, CUDA, 256),
 ])
 def test_auto_batch_size_gives_enough_steps_per_epoch(train_count: int, device: torch.device, expected: int) -> None:
@@ -101,10 +101,11 @@ def test_a_run_records_what_auto_became_and_resumes_its_average(tmp_path: Path) 
                   reporter=Recorder(stop_after_epochs=1))
     assert stopped.stopped == "cancelled"
     saved = torch.load(work / CHECKPOINT, weights_only=True)
-    assert saved["ema"]["updates"] == 10  # 40 images in batches of 8, passed over twice for 10 steps
+    assert saved["ema"]["updates"] == 10  # 40 images in batches of 32, passed over 8 times for 10 steps
     result = fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=work, weights_dir=None, reporter=Recorder())
-    assert (result.hp.batch_size, result.hp.augment, result.hp.ema, result.hp.recalibrate_bn) == (8, "none", "on", "on")
-    assert [(h["epoch"], h["passes"], h["train_images"]) for h in result.history] == [(1, 2, 80), (2, 2, 80)]
+    resolved = result.hp
+    assert (resolved.batch_size, resolved.augment, resolved.ema, resolved.recalibrate_bn) == (32, "none", "on", "on")
+    assert [(h["epoch"], h["passes"], h["train_images"]) for h in result.history] == [(1, 8, 320), (2, 8, 320)]
     assert {h["weights"] for h in result.history} <= {"raw", "ema"}
     fresh = fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=tmp_path / "fresh", weights_dir=None,
                 reporter=Recorder())

@@ -10,10 +10,11 @@ import torch
 
 from shared.hyperparameters import Hyperparameters
 
-# Fewer optimizer steps than this per epoch and a short run never leaves the warm-up; a batch smaller
-# than MIN_BATCH gives BatchNorm too few images for its statistics.
+# Large datasets get the batch that still leaves this many steps per epoch; small ones get MIN_BATCH and
+# min_steps_per_epoch passes over them. Below 32 a CPU trains markedly slower per image (ResNet-50 at 32 px,
+# one thread: 41 img/s at 16, 66 at 32, 79 at 64) for no accuracy gained (the colours: 0.99 at 8 and at 32).
 STEPS_PER_EPOCH = 25
-MIN_BATCH = 8
+MIN_BATCH = 32
 MAX_BATCH = {"cpu": 64, "cuda": 256}
 BASE_BATCH = 32
 BASE_LR = {"adamw": 2e-3, "adam": 2e-3, "sgd": 0.1}
