@@ -143,8 +143,9 @@ def test_postgres_down_is_503_db_unavailable_and_recovers_without_restart(env_fo
             assert client.get("/v1/jobs").status_code == 200
             database.stop()
             down = client.get("/v1/jobs")
-            assert down.status_code == 503 and down.json() == {
-                "detail": "the database is unavailable; try again shortly", "code": "db_unavailable"}
+            assert down.status_code == 503 and down.headers["content-type"] == "application/problem+json"
+            assert {key: down.json()[key] for key in ("detail", "code", "status")} == {
+                "detail": "the database is unavailable; try again shortly", "code": "db_unavailable", "status": 503}
             ready = client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("unavailable")
             assert client.get("/healthz").status_code == 200

@@ -14,7 +14,8 @@ MAX_EXAMPLES = 15
 # An inference request's tensor must agree with its own shape, datatype and byte counts, and be an image.
 CONTENT_CHECKED = {"POST /v1/datasets", "POST /v1/predict", "POST /v1/jobs", "POST /v1/keys",
                    "POST /v1/batch-predictions", "POST /v1/projects/{name}/predict", "POST /v2/models/{name}/infer",
-                   "POST /v2/models/{name}/versions/{version}/infer"}
+                   "POST /v2/models/{name}/versions/{version}/infer",
+                   "POST /v1/webhooks"}  # a URL needs an http(s) scheme and a host: more than its schema says
 # Fuzzed as an admin: a key the fuzzer creates then cannot close the open service under it.
 ADMIN = "fuzz-admin-key"
 
