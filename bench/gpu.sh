@@ -128,7 +128,7 @@ import importlib, os, time, traceback
 from bench import gpu_report
 
 MODULES = ["torch", "torchvision", "torchvision.ops", "onnx", "api.main", "api.predictor", "worker.tasks",
-           "worker.ingest", "worker.training.engine", "worker.training.job", "worker.training.distributed",
+           "worker.ingest", "worker.training.engine", "worker.training.job", "worker.training.launch",
            "shared.cli", "shared.modeling", "shared.modeling.export", "shared.migrate",
            "bench.train", "bench.infer", "bench.predict", "bench.gpu_ingest"]
 result, failed = {}, []

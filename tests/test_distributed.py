@@ -17,9 +17,9 @@ from shared.orm import JobEpoch, Model
 from shared.storage import model_dir
 from tests.training_helpers import TINY, Recorder, load, queue, write_cache
 from worker.training.data import load_cache, stored_splits
-from worker.training.distributed import RESULT, NotEnoughGpus, fit_distributed, process_count
 from worker.training.engine import BEST, CHECKPOINT, fit
 from worker.training.job import run_training_job
+from worker.training.launch import RESULT, NotEnoughGpus, fit_distributed, process_count
 
 CPU = torch.device("cpu")
 CLASSES = ["red", "green", "blue", "yellow"]

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from shared.hyperparameters import Hyperparameters
+from shared.jobstate import StopReason
 from shared.modeling import build_model
-from worker.training import distributed
+from worker.training import ddp
 from worker.training.auto import batch_size_of, passes_per_epoch, resolve
 from worker.training.averaging import WeightEma, ema_decay, eval_batches, recalibrate_bn, recalibration_indices
 from worker.training.calibration import calibration_report
@@ -64,7 +65,7 @@ class FitResult:
     model: nn.Module
     history: list[dict[str, Any]]
     best_epoch: int
-    stopped: str | None  # None, "early_stopping", "max_minutes" or "cancelled"
+    stopped: StopReason | None
     hp: Hyperparameters  # as trained: every ``auto`` resolved
     features_reused: bool | None = None  # None: the frozen-backbone fast path was not taken
     val: dict[str, Any] = field(default_factory=dict)
@@ -144,7 +145,8 @@ def train_one_epoch(
             seen += labels.shape[0]
             if on_step(step, steps, seen):
                 break
-    loss_sum, correct, seen = distributed.epoch_totals(model, loss_sum, correct, seen)
+    ddp.broadcast_buffers(model)
+    loss_sum, correct, seen = ddp.epoch_totals(loss_sum, correct, seen)
     seen = max(seen, 1)
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "train_images": seen}
 
@@ -215,7 +217,7 @@ def _fit(
         # kernels. Set here so every caller (the job, ranks, benches) gets it.
         torch.backends.cudnn.benchmark = True
     train_idx, val_idx, test_idx = (np.flatnonzero(splits == code) for code in (TRAIN, VAL, TEST))
-    hp = resolve(hp, train_count=distributed.shard_size(len(train_idx)), device=device)
+    hp = resolve(hp, train_count=ddp.shard_size(len(train_idx)), device=device)
     torch.manual_seed(hp.seed)
     model = build_model(base_model=hp.base_model, num_classes=data.num_classes, weights=hp.weights,
                         weights_dir=weights_dir, head=hp.head, dropout=hp.dropout)
@@ -224,8 +226,8 @@ def _fit(
     if hp.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(hp, device)
-    passes = passes_per_epoch(distributed.shard_size(len(train_idx)), hp)
-    steps_per_epoch = max(1, batch_count(distributed.shard_size(len(train_idx)) * passes, batch_size_of(hp),
+    passes = passes_per_epoch(ddp.shard_size(len(train_idx)), hp)
+    steps_per_epoch = max(1, batch_count(ddp.shard_size(len(train_idx)) * passes, batch_size_of(hp),
                                          drop_last=True))
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, steps_per_epoch)
@@ -241,7 +243,7 @@ def _fit(
         prepare, source = feature_preparer, dataclasses.replace(data, images=features)
     trainable = model.get_submodule("fc") if features_reused is not None else model
     runner = cast(nn.Module, torch.compile(trainable)) if compile_model else trainable
-    trainer = distributed.wrap(runner, device)
+    trainer = ddp.wrap(runner, device)
     ema = WeightEma(trainable, decay=ema_decay(hp.epochs * steps_per_epoch)) if hp.ema == "on" else None
     recalibration = recalibration_indices(train_idx, seed=hp.seed) if hp.recalibrate_bn == "on" else None
 
@@ -261,13 +263,13 @@ def _fit(
 
     started = time.monotonic()
     deadline = None if hp.max_minutes is None else started + hp.max_minutes * 60 - elapsed_before
-    stopped: str | None = None
+    stopped: StopReason | None = None
     last_report = 0.0
     for epoch in range(start_epoch, hp.epochs + 1):
         torch.manual_seed(hp.seed * 100_003 + epoch)
         # Ranks shuffle alike and split the order; each augments its own share with its own generator.
-        train_shard = distributed.shard(train_idx, seed=hp.seed * 100_003 + epoch)
-        generator = torch.Generator().manual_seed(hp.seed * 100_003 + epoch + 1_000_003 * distributed.rank())
+        train_shard = ddp.shard(train_idx, seed=hp.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(hp.seed * 100_003 + epoch + 1_000_003 * ddp.rank())
         epoch_start = time.monotonic()
 
         def on_step(step: int, steps: int, seen: int, epoch: int = epoch, epoch_start: float = epoch_start) -> bool:
@@ -276,15 +278,15 @@ def _fit(
             # While the last epoch's checkpoint is being written its report waits (``poll``), and so does progress.
             if writer.poll() and (now - last_report >= 2.0 or step == steps):
                 last_report = now
-                rate = seen * distributed.world_size() / max(now - epoch_start, 1e-9)
-                left = ((steps - step) + (hp.epochs - epoch) * steps) * batch_size_of(hp) * distributed.world_size()
+                rate = seen * ddp.world_size() / max(now - epoch_start, 1e-9)
+                left = ((steps - step) + (hp.epochs - epoch) * steps) * batch_size_of(hp) * ddp.world_size()
                 reporter.progress({"epoch": epoch, "epochs": hp.epochs, "step": step, "steps": steps,
                                    "images_per_second": round(rate, 2), "eta_seconds": round(left / rate, 1)})
             if reporter.stop_requested():
                 stopped = "cancelled"
             elif deadline is not None and now >= deadline:
                 stopped = "max_minutes"
-            stopped = distributed.agree_stop(stopped, step, steps)
+            stopped = ddp.agree_stop(stopped, step, steps)
             return stopped is not None
 
         train_metrics = train_one_epoch(
@@ -302,8 +304,8 @@ def _fit(
             if recalibration is not None:
                 recalibrate_bn(module, eval_batches(data=source, indices=recalibration, batch_size=batch_size_of(hp),
                                                     device=device, prepare=prepare), autocast=(device, dtype))
-            probs, labels = distributed.gather(*evaluate(
-                model=module, data=source, indices=distributed.shard(val_idx), hp=hp, device=device, dtype=dtype,
+            probs, labels = ddp.gather(*evaluate(
+                model=module, data=source, indices=ddp.shard(val_idx), hp=hp, device=device, dtype=dtype,
                 prepare=prepare))
             scores[name] = ((float((probs.argmax(1) == labels).mean()), _loss(probs, labels)) if len(labels)
                             else (train_metrics["train_accuracy"], train_metrics["train_loss"]))
@@ -323,11 +325,11 @@ def _fit(
         if improved:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "val_loss": val_loss}
             bad_epochs = 0
-            if distributed.is_main():
+            if ddp.is_main():
                 files.append((work_dir / BEST, {"model": _weights_of(model, trainable, ema, weights), "epoch": epoch}))
         else:
             bad_epochs += 1
-        if distributed.is_main():
+        if ddp.is_main():
             files.append((work_dir / CHECKPOINT, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
@@ -344,7 +346,7 @@ def _fit(
         if stopped is not None:
             break
 
-    if not distributed.is_main():  # rank 0 alone scores and returns the model
+    if not ddp.is_main():  # rank 0 alone scores and returns the model
         return FitResult(model=model, history=history, best_epoch=int(best["epoch"]), stopped=stopped, hp=hp)
     writer.wait()  # best.pt of the last epoch may still be in flight
     best_state = load_checkpoint(work_dir / BEST)

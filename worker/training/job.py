@@ -22,8 +22,8 @@ from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, redac
 from worker.reliability import SHUTDOWN
 from worker.training.auto import resolve
 from worker.training.data import load_cache, stored_splits
-from worker.training.distributed import NotEnoughGpus, fit_distributed, process_count
 from worker.training.engine import fit
+from worker.training.launch import NotEnoughGpus, fit_distributed, process_count
 from worker.training.misclassified import write_thumbnails
 from worker.training.optim import compile_pays_off, resolve_device
 

@@ -5,8 +5,7 @@ the job row, turns a cancel or shutdown into a stop flag every rank sees, and pu
 leaves in the job directory. ``batch_size`` is per process, as in the torchvision references: each step
 trains ``batch_size x gpus`` images, and the learning rate is not rescaled.
 
-The helpers ``fit`` calls (``shard``, ``agree_stop``, ``epoch_totals``, ``gather``, ...) are identities
-in a single process, so ``gpus=1`` runs exactly the path it always did.
+The helpers ``fit`` calls on every rank live below the loop, in ``ddp``.
 """
 
 import os
@@ -20,18 +19,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from torch.multiprocessing.spawn import start_processes
-from torch.nn.parallel import DistributedDataParallel
 
 from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
+from worker.training.checkpoint import load_checkpoint, save_checkpoint
+from worker.training.data import load_cache
+from worker.training.ddp import is_main
+from worker.training.engine import FitResult, Reporter, fit
 from worker.training.features import uses_feature_cache
 
 RESULT = "result.pt"
-# Ranks agree on stopping every this many steps (one tiny all-reduce), not every step: no per-step sync.
-STOP_CHECK_STEPS = 8
-STOP_CODES: tuple[str | None, ...] = (None, "max_minutes", "cancelled")  # the highest code wins
 
 
 class NotEnoughGpus(RuntimeError):
@@ -59,80 +57,6 @@ def process_count(hp: Hyperparameters, device: torch.device, *, allow_cpu: bool)
     return 1 if uses_feature_cache(hp) else max(1, wanted)
 
 
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if active() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def shard_size(count: int) -> int:
-    return count // world_size() if active() else count
-
-
-def shard(indices: np.ndarray, *, seed: int | None = None) -> np.ndarray:
-    """This rank's disjoint share of ``indices``; with ``seed``, of one permutation every rank draws alike.
-    Every rank gets the same count (the remainder is left out), so all take the same number of steps."""
-    if not active():
-        return indices
-    if seed is not None:
-        indices = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).numpy()]
-    return indices[:shard_size(len(indices)) * world_size()][rank()::world_size()]
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    if not active():
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def agree_stop(stopped: str | None, step: int, steps: int) -> str | None:
-    """One stop decision for all ranks (a rank that leaves the loop alone hangs the others' all-reduce)."""
-    if not active():
-        return stopped
-    if step % STOP_CHECK_STEPS and step != steps:
-        return None
-    flag = torch.tensor([STOP_CODES.index(stopped)], device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return STOP_CODES[int(flag.item())]
-
-
-def epoch_totals(model: nn.Module, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Loss sum, correct count and images summed over ranks. Rank 0's BatchNorm statistics go to every
-    rank too, so validation scores the same model everywhere."""
-    if not active():
-        return loss_sum, correct, seen
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-    totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)])
-    totals = totals.to(_collective_device())
-    dist.all_reduce(totals)
-    return totals[0], totals[1], int(totals[2].item())
-
-
-def gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank's share of an evaluation, joined on every rank (identical arrays, identical decisions)."""
-    if not active():
-        return probs, labels
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, (probs, labels))
-    return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
-
-
 class RankReporter:
     """Rank 0 sends progress and epochs to the parent; every rank reads the parent's stop flag."""
 
@@ -158,9 +82,6 @@ def _free_port() -> int:
 
 
 def _rank_main(rank_id: int, world: int, port: int, job: dict[str, Any], events: Any, stop: Any) -> None:
-    from worker.training.data import load_cache
-    from worker.training.engine import fit
-
     # A SIGTERM to the worker's process group is the parent's to handle: it sets the stop flag and the job is
     # handed back from its last checkpoint. Should the parent die, torch sends the ranks SIGINT.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -179,7 +100,6 @@ def _rank_main(rank_id: int, world: int, port: int, job: dict[str, Any], events:
                      splits=job["splits"], device=device, work_dir=work_dir, weights_dir=job["weights_dir"],
                      reporter=RankReporter(events, stop), compile_model=job["compile_model"])
         if rank_id == 0:
-            from worker.training.checkpoint import save_checkpoint
             save_checkpoint(work_dir / RESULT, {
                 "model": result.model.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
                 "stopped": result.stopped, "hp": result.hp.model_dump(), "val": result.val, "test": result.test,
@@ -202,13 +122,10 @@ def _forward(events: Any, reporter: Any) -> None:
 
 def fit_distributed(
     *, world: int, hp: Hyperparameters, cache_dir: Path, classes: list[str], splits: np.ndarray,
-    device: torch.device, work_dir: Path, weights_dir: Path | None, reporter: Any, compile_model: bool = False,
-) -> Any:
+    device: torch.device, work_dir: Path, weights_dir: Path | None, reporter: Reporter, compile_model: bool = False,
+) -> FitResult:
     """``fit`` over ``world`` spawned ranks; returns rank 0's FitResult. A failed rank fails the job
     (its traceback in the exception) and the others are stopped."""
-    from worker.training.checkpoint import load_checkpoint
-    from worker.training.engine import FitResult
-
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
     (work_dir / RESULT).unlink(missing_ok=True)
