@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from worker.training.features import cached_features, features_path, uses_featur
 from worker.training.loader import BatchProducer, plan_batches
 from worker.training.metrics import classification_report
 from worker.training.misclassified import pick_misclassified
+from worker.training.monitor import Reporter, StepMonitor
 from worker.training.optim import (
     amp_dtype,
     apply_freeze,
@@ -52,12 +53,6 @@ def image_preparer(hp: Hyperparameters) -> Prepare:
 def feature_preparer(raw: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:  # noqa: ARG001
     # A Prepare: cached backbone features take no augmentation, so ``train`` and ``generator`` go unused.
     return raw.float()
-
-
-class Reporter(Protocol):
-    def progress(self, progress: dict[str, Any]) -> None: ...
-    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None: ...
-    def stop_requested(self) -> bool: ...
 
 
 @dataclass
@@ -263,37 +258,20 @@ def _fit(
 
     started = time.monotonic()
     deadline = None if hp.max_minutes is None else started + hp.max_minutes * 60 - elapsed_before
+    monitor = StepMonitor(hp=hp, reporter=reporter, writer=writer, deadline=deadline)
     stopped: StopReason | None = None
-    last_report = 0.0
     for epoch in range(start_epoch, hp.epochs + 1):
         torch.manual_seed(hp.seed * 100_003 + epoch)
         # Ranks shuffle alike and split the order; each augments its own share with its own generator.
         train_shard = ddp.shard(train_idx, seed=hp.seed * 100_003 + epoch)
         generator = torch.Generator().manual_seed(hp.seed * 100_003 + epoch + 1_000_003 * ddp.rank())
-        epoch_start = time.monotonic()
-
-        def on_step(step: int, steps: int, seen: int, epoch: int = epoch, epoch_start: float = epoch_start) -> bool:
-            nonlocal last_report, stopped
-            now = time.monotonic()
-            # While the last epoch's checkpoint is being written its report waits (``poll``), and so does progress.
-            if writer.poll() and (now - last_report >= 2.0 or step == steps):
-                last_report = now
-                rate = seen * ddp.world_size() / max(now - epoch_start, 1e-9)
-                left = ((steps - step) + (hp.epochs - epoch) * steps) * batch_size_of(hp) * ddp.world_size()
-                reporter.progress({"epoch": epoch, "epochs": hp.epochs, "step": step, "steps": steps,
-                                   "images_per_second": round(rate, 2), "eta_seconds": round(left / rate, 1)})
-            if reporter.stop_requested():
-                stopped = "cancelled"
-            elif deadline is not None and now >= deadline:
-                stopped = "max_minutes"
-            stopped = ddp.agree_stop(stopped, step, steps)
-            return stopped is not None
-
+        epoch_start = monitor.start_epoch(epoch)
         train_metrics = train_one_epoch(
             model=trainer, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, data=source,
             indices=np.tile(train_shard, passes), hp=hp, device=device, generator=generator, dtype=dtype, frozen=frozen,
-            on_step=on_step, prepare=prepare, ema=ema,
+            on_step=monitor, prepare=prepare, ema=ema,
         )
+        stopped = monitor.stopped
         if stopped == "cancelled":
             break
         train_seconds = time.monotonic() - epoch_start

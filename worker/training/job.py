@@ -21,8 +21,8 @@ from shared.orm import Dataset, Job, JobEpoch, Model, new_id, utcnow
 from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, redact_paths
 from worker.reliability import SHUTDOWN
 from worker.training.auto import resolve
-from worker.training.data import load_cache, stored_splits
-from worker.training.engine import fit
+from worker.training.data import CachedDataset, load_cache, stored_splits
+from worker.training.engine import FitResult, fit
 from worker.training.launch import NotEnoughGpus, fit_distributed, process_count
 from worker.training.misclassified import write_thumbnails
 from worker.training.optim import compile_pays_off, resolve_device
@@ -141,36 +141,57 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
         if dataset is None or dataset.status != "ready":
             raise RuntimeError(f"dataset {job.dataset_id} is not ready")
     data = load_cache(dataset_cache(settings, job.dataset_id))
+    work = job_dir(settings, job.id)
+    work.mkdir(parents=True, exist_ok=True)
+    result = _fit(job=job, hp=hp, data=data, settings=settings, reporter=reporter)
+    if result.stopped == "cancelled":
+        _hand_back(job=job, reporter=reporter, settings=settings)
+    else:
+        _publish(job=job, hp=hp, data=data, result=result, settings=settings)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fit(*, job: Job, hp: Hyperparameters, data: CachedDataset, settings: Settings,
+         reporter: JobReporter) -> FitResult:
+    """Train in this process, or over ranks when the job asks for several GPUs."""
     splits = stored_splits(splits_dir=dataset_dir(settings, job.dataset_id) / "splits", data=data, hp=hp)
     device = resolve_device(settings.device)
     train_count = int((splits == 0).sum())
     compile_model = compile_pays_off(hp=resolve(hp, train_count=train_count, device=device), device=device,
                                      train_images=train_count)
     work = job_dir(settings, job.id)
-    work.mkdir(parents=True, exist_ok=True)
     world = process_count(hp, device, allow_cpu=settings.ddp_on_cpu)
     if world > 1:
-        result = fit_distributed(world=world, hp=hp, cache_dir=dataset_cache(settings, job.dataset_id),
-                                 classes=data.classes, splits=splits, device=device, work_dir=work,
-                                 weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
-    else:
-        result = fit(hp=hp, data=data, splits=splits, device=device, work_dir=work,
-                     weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model,
-                     features_dir=dataset_dir(settings, job.dataset_id) / "features")
+        return fit_distributed(world=world, hp=hp, cache_dir=dataset_cache(settings, job.dataset_id),
+                               classes=data.classes, splits=splits, device=device, work_dir=work,
+                               weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
+    return fit(hp=hp, data=data, splits=splits, device=device, work_dir=work, weights_dir=settings.weights_path,
+               reporter=reporter, compile_model=compile_model,
+               features_dir=dataset_dir(settings, job.dataset_id) / "features")
+
+
+def _hand_back(*, job: Job, reporter: JobReporter, settings: Settings) -> None:
+    """A stopped run: the user's cancel ends the job; a worker shutting down hands it back to the queue."""
     mine = Job.worker_id == WORKER_ID
-    if result.stopped == "cancelled":
-        with session_scope() as session:
-            cancelled = not reporter.lost.is_set() and transition(
-                session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
-                also=mine, worker_id=None)
-            if not cancelled and not reporter.lost.is_set():
-                # Not a user's cancel: this worker is shutting down. Hand the job back; it resumes
-                # from its last checkpoint wherever the reconciler sends it next.
-                transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.queued,
-                           also=mine, worker_id=None, heartbeat_at=None, enqueued_at=None)
-        if cancelled:
-            shutil.rmtree(work, ignore_errors=True)
-        return
+    with session_scope() as session:
+        cancelled = not reporter.lost.is_set() and transition(
+            session=session, job_id=job.id, expected=JobStatus.cancelling, to=JobStatus.cancelled,
+            also=mine, worker_id=None)
+        if not cancelled and not reporter.lost.is_set():
+            # Not a user's cancel: this worker is shutting down. Hand the job back; it resumes
+            # from its last checkpoint wherever the reconciler sends it next.
+            transition(session=session, job_id=job.id, expected=JobStatus.running, to=JobStatus.queued,
+                       also=mine, worker_id=None, heartbeat_at=None, enqueued_at=None)
+    if cancelled:
+        shutil.rmtree(job_dir(settings, job.id), ignore_errors=True)
+
+
+def _publish(*, job: Job, hp: Hyperparameters, data: CachedDataset, result: FitResult, settings: Settings) -> None:
+    """The model's files, then its row and the job's success in one transaction (or nothing, if the job was
+    cancelled or reaped meanwhile)."""
+    mine = Job.worker_id == WORKER_ID
+    work = job_dir(settings, job.id)
     model_id = new_id()
     metrics = {"test": result.test, "val": result.val, "best_epoch": result.best_epoch,
                "stopped": result.stopped, "epochs_run": len(result.history), "calibration": result.calibration,
@@ -208,6 +229,4 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
                 shutil.rmtree(work, ignore_errors=True)
             return
     shutil.rmtree(work, ignore_errors=True)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 

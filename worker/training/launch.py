@@ -26,8 +26,9 @@ from shared.modeling import build_model
 from worker.training.checkpoint import load_checkpoint, save_checkpoint
 from worker.training.data import load_cache
 from worker.training.ddp import is_main
-from worker.training.engine import FitResult, Reporter, fit
+from worker.training.engine import FitResult, fit
 from worker.training.features import uses_feature_cache
+from worker.training.monitor import Reporter
 
 RESULT = "result.pt"
 
