@@ -54,10 +54,18 @@ def normalize_batch(
 
 
 def eval_uint8(image: Image.Image, image_size: int) -> torch.Tensor:
-    """The eval crop as uint8 CHW: resize shorter side, centre crop ``image_size``."""
-    square = center_square(image.convert("RGB"), resize_size_for(image_size))
-    offset = (square.size[0] - image_size) // 2
-    return to_uint8_chw(square.crop((offset, offset, offset + image_size, offset + image_size)))
+    """The eval crop as uint8 CHW: torchvision's Resize(resize_size) + CenterCrop(image_size) on a PIL image,
+    to the pixel. model.json's resize_size and image_size mean those two transforms, and whoever feeds an
+    export (ONNX, TorchScript) from it uses them: the long side is truncated and the crop offset rounded half
+    to even as torchvision does them (rounding either another way moves the crop of a non-square image)."""
+    image = image.convert("RGB")
+    side = resize_size_for(image_size)
+    width, height = image.size
+    long = int(side * max(width, height) / min(width, height))
+    new_w, new_h = (side, long) if width <= height else (long, side)
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = int(round((new_w - image_size) / 2.0)), int(round((new_h - image_size) / 2.0))
+    return to_uint8_chw(image.crop((left, top, left + image_size, top + image_size)))
 
 
 def eval_transform(
