@@ -1,8 +1,15 @@
-"""TorchScript and ONNX exports compute what the PyTorch model computes, and the artifact route makes
-each export once."""
+"""TorchScript, ONNX and the server's /v1/predict compute what the PyTorch model computes on what torchvision's
+eval preprocessing makes of an image, and the artifact route makes each export once.
+
+The model has seeded random BatchNorm statistics and affine parameters and the MLP head with dropout: with
+the identity BatchNorm of a fresh model, an export or a server that ran BatchNorm in training mode, or
+dropped its buffers, or kept dropout on, would still agree. The reference answer is independent of our code:
+torchvision's Resize(resize_size) + CenterCrop(image_size) + ToImage/ToDtype + Normalize from the PIL image,
+then the eager model."""
 
 import io
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,55 +19,129 @@ import onnxruntime
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
 
 from shared.config import get_settings
-from shared.modeling import load_model_artifact
+from shared.modeling import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    load_model_artifact,
+    resize_size_for,
+    save_model_artifact,
+)
 from shared.modeling.export import export_model
 from shared.orm import new_id
 from shared.storage import model_dir
-from tests.model_rows import CLASSES, insert_rows, write_artifact
+from tests.model_rows import CLASSES, insert_rows
+from tests.synthetic import make_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
+IMAGE_SIZE = 32
+# Square, landscape and portrait, sizes where a rounded (not truncated) long side or a centre offset
+# rounded another way than torchvision's would move the crop by a pixel.
+IMAGE_SIZES = [(48, 48), (80, 56), (56, 80), (50, 40), (300, 200), (97, 61)]
+PROB_TOLERANCE = 1e-4
+
+
+def randomise_batchnorm(model: nn.Module, seed: int) -> None:
+    """Running mean/var, weight and bias drawn per channel: eval-mode BatchNorm is then far from identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                channels = layer.num_features
+                layer.running_mean.copy_(torch.randn(channels, generator=generator) * 0.2)
+                layer.running_var.copy_(torch.rand(channels, generator=generator) * 1.5 + 0.5)
+                layer.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+                layer.bias.copy_(torch.randn(channels, generator=generator) * 0.2)
+
+
+def write_random_artifact(model_id: str) -> Path:
+    """resnet18 with the MLP head (dropout 0.5) and random BatchNorm, saved as training saves a model."""
+    torch.manual_seed(0)
+    model = build_model(base_model="resnet18", num_classes=len(CLASSES), head="mlp", dropout=0.5)
+    randomise_batchnorm(model, seed=1)
+    meta = {"model_id": model_id, "base_model": "resnet18", "head": "mlp", "dropout": 0.5, "classes": CLASSES,
+            "image_size": IMAGE_SIZE, "resize_size": resize_size_for(IMAGE_SIZE), "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD)}
+    directory = model_dir(get_settings(), model_id)
+    save_model_artifact(directory=directory, model=model, meta=meta)
+    return directory
 
 
 @pytest.fixture
 def saved(env_for) -> Path:  # type: ignore[no-untyped-def]
     env_for()
-    model_id = new_id()
-    write_artifact(model_id)
-    return model_dir(get_settings(), model_id)
+    return write_random_artifact(new_id())
 
 
-def pytorch_logits(directory: Path, x: torch.Tensor) -> np.ndarray:
+def reference_inputs(images: list[Image.Image]) -> torch.Tensor:
+    """torchvision's classification eval preprocessing, driven by the numbers model.json holds."""
+    preprocess = v2.Compose([v2.Resize(resize_size_for(IMAGE_SIZE)), v2.CenterCrop(IMAGE_SIZE), v2.ToImage(),
+                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return torch.stack([preprocess(image) for image in images])
+
+
+def pytorch_probabilities(directory: Path, x: torch.Tensor) -> np.ndarray:
     model, _ = load_model_artifact(directory=directory)
     with torch.inference_mode():
-        return model(x).numpy()
+        return torch.softmax(model(x), dim=1).numpy()
 
 
-def random_batch(count: int) -> torch.Tensor:
-    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(count))
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
-def test_onnx_runtime_matches_pytorch_for_any_batch_size(saved):
+def photos() -> list[Image.Image]:
+    """Smooth synthetic photos with texture (PNG-exact: no JPEG decoding in the way), one per size."""
+    return [make_image(CLASSES[i % 3], random.Random(i), 128).resize(size, Image.Resampling.BICUBIC)
+            for i, size in enumerate(IMAGE_SIZES)]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_reference_model_is_not_degenerate(saved):
+    """The comparisons below mean something only if BatchNorm is not identity and the answers spread."""
+    model, meta = load_model_artifact(directory=saved)
+    assert meta["head"] == "mlp" and isinstance(model.get_submodule("fc.0"), nn.Linear)
+    assert not torch.allclose(model.get_submodule("bn1").running_var, torch.ones(64))
+    probs = pytorch_probabilities(saved, reference_inputs(photos()))
+    assert probs.max() < 0.99 and probs.min() > 0.01
+    assert np.ptp(probs, axis=0).max() > 1e-3  # different images, different answers
+
+
+def test_onnx_runtime_matches_pytorch_on_torchvision_inputs_for_any_batch_size(saved):
     path = export_model(directory=saved, fmt="onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for count in (1, 5):
-        x = random_batch(count)
-        (logits,) = session.run(["logits"], {"images": x.numpy()})
-        np.testing.assert_allclose(logits, pytorch_logits(saved, x), atol=1e-4, rtol=0)
+    x = reference_inputs(photos())
+    expected = pytorch_probabilities(saved, x)
+    for rows in (slice(0, 1), slice(0, len(x))):
+        (logits,) = session.run(["logits"], {"images": x[rows].numpy()})
+        np.testing.assert_allclose(softmax(logits), expected[rows], atol=PROB_TOLERANCE, rtol=0)
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["model.json"])["classes"] == CLASSES
 
 
-def test_torchscript_matches_pytorch_for_any_batch_size(saved):
+def test_torchscript_matches_pytorch_on_torchvision_inputs_for_any_batch_size(saved):
     path = export_model(directory=saved, fmt="torchscript")
     files = {"model.json": ""}
     scripted = torch.jit.load(str(path), _extra_files=files)
-    for count in (1, 5):
-        x = random_batch(count)
+    x = reference_inputs(photos())
+    expected = pytorch_probabilities(saved, x)
+    for rows in (slice(0, 1), slice(0, len(x))):
         with torch.inference_mode():
-            np.testing.assert_allclose(scripted(x).numpy(), pytorch_logits(saved, x), atol=1e-4, rtol=0)
-    assert json.loads(files["model.json"])["image_size"] == 32
+            probs = torch.softmax(scripted(x[rows]), dim=1).numpy()
+        np.testing.assert_allclose(probs, expected[rows], atol=PROB_TOLERANCE, rtol=0)
+    assert json.loads(files["model.json"])["image_size"] == IMAGE_SIZE
 
 
 @pytest.fixture
@@ -71,11 +152,25 @@ def api(migrated) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
         yield client
 
 
+def test_predict_route_matches_torchvision_preprocessing_and_the_eager_model(api):
+    model_id = new_id()
+    directory = write_random_artifact(model_id)
+    insert_rows(model_id)
+    images = photos()
+    files = [("file", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(images)]
+    response = api.post("/v1/predict", data={"model_id": model_id, "top_k": "3"}, files=files)
+    assert response.status_code == 200, response.text
+    expected = pytorch_probabilities(directory, reference_inputs(images))
+    served = np.array([[{s["label"]: s["score"] for s in p["top"]}[c] for c in CLASSES]
+                       for p in response.json()["predictions"]])
+    for size, got, want in zip(IMAGE_SIZES, served, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=PROB_TOLERANCE, rtol=0, err_msg=f"a {size} image")
+
+
 def test_artifact_route_serves_weights_and_makes_each_export_once(api):
     model_id = new_id()
     insert_rows(model_id)
-    write_artifact(model_id)
-    directory = model_dir(get_settings(), model_id)
+    directory = write_random_artifact(model_id)
     weights = api.get(f"/v1/models/{model_id}/artifact")
     assert weights.status_code == 200
     assert weights.content == (directory / "model.safetensors").read_bytes()
