@@ -58,10 +58,11 @@ def start_job(service: Service, dataset_id: str, **overrides: Any) -> dict[str, 
     return response.json()
 
 
-def read_events(service: Service, job_id: str, last_event_id: str | None = None, timeout: float = 180
-                ) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(id, event, data) for every event until the server closes the stream."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+def read_events(service: Service, job_id: str, last_event_id: str | None = None, timeout: float = 180,
+                auth: dict[str, str] | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(id, event, data) for every event until the server closes the stream; ``auth``: headers for a service
+    with API keys."""
+    headers = {**(auth or {}), **({"Last-Event-ID": last_event_id} if last_event_id else {})}
     with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/events", headers=headers,
                       timeout=httpx.Timeout(timeout)) as response:
         assert response.status_code == 200
