@@ -1,10 +1,15 @@
 """Small builders for rows and files that tests need, written through the real ORM."""
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from shared.db import session_scope
 from shared.jobstate import DatasetStatus, JobStatus
 from shared.orm import Dataset, Job, new_id
+
+T = TypeVar("T")
 
 
 def ready_dataset(name: str = "ds", project: str = "default",
@@ -64,3 +69,11 @@ def project_row(name: str, quota_mb: int | None = None) -> str:
     with session_scope() as session:
         session.add(Project(name=name, description="", quota_mb=quota_mb))
     return name
+
+
+def run_in_threads(calls: Sequence[Callable[[], T]], timeout: float = 60) -> list[T]:
+    """Each call in its own thread, all at once; their results in order. An exception raised in a thread is
+    re-raised here (the first one in ``calls`` order), where a bare Thread would print it and drop it."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result(timeout=timeout) for future in futures]

@@ -1,13 +1,11 @@
 """What clients are promised: idempotent job creation, API keys, per-key caps, upload limits."""
 
-import threading
-
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from shared.config import get_settings
-from tests.helpers import files_under, ready_dataset
+from tests.helpers import files_under, ready_dataset, run_in_threads
 
 
 @pytest.fixture
@@ -40,19 +38,15 @@ def test_same_idempotency_key_with_another_body_is_409(client):
 def test_racing_requests_with_one_idempotency_key_make_one_job(migrated, start_service):
     service = start_service(migrated, workers=0)
     body = {"dataset_id": ready_dataset(), "hyperparameters": {"epochs": 2}}
-    ids: list[str] = []
 
-    def post() -> None:
+    def post() -> str:
         response = httpx.post(f"{service.url}/v1/jobs", json=body, headers={"Idempotency-Key": "race"}, timeout=30)
         assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
+        return str(response.json()["id"])
 
-    threads = [threading.Thread(target=post) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    ids = run_in_threads([post] * 8)
     assert len(ids) == 8 and len(set(ids)) == 1
+    assert httpx.get(f"{service.url}/v1/jobs", timeout=30).json()["count"] == 1
 
 
 def test_api_keys_guard_every_route_but_health(make_app):

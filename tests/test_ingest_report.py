@@ -1,7 +1,7 @@
 """What a dataset tells its owner: duplicates by content, duplicates leaking across splits, labels
 that disagree, imbalance, and processed/total while ingestion runs."""
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -46,16 +46,14 @@ def test_progress_is_visible_while_processing(settings, tmp_path, monkeypatch):
     files = image_folder({"cats": RED, "dogs": BLUE}, per_class=150)
     dataset_id = create_dataset(settings, write_zip(tmp_path / "many.zip", files))
     seen: list[dict] = []
-    runner = threading.Thread(target=worker.ingest.ingest_dataset,
-                              kwargs={"dataset_id": dataset_id, "settings": settings})
-
-    runner.start()
-    while runner.is_alive():
-        with session_scope() as session:
-            row = session.get(Dataset, dataset_id)
-            if row.status == "processing":
-                seen.append(dict(row.progress))
-    runner.join()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        runner = pool.submit(worker.ingest.ingest_dataset, dataset_id=dataset_id, settings=settings)
+        while not runner.done():
+            with session_scope() as session:
+                row = session.get(Dataset, dataset_id)
+                if row.status == "processing":
+                    seen.append(dict(row.progress))
+        runner.result()  # re-raises what failed in the ingest thread
 
     with session_scope() as session:
         final = session.get(Dataset, dataset_id)

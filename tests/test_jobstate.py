@@ -1,5 +1,6 @@
 """The job state machine: legal moves succeed once, illegal ones are refused, races have one winner."""
 
+import functools
 import itertools
 import threading
 
@@ -8,7 +9,7 @@ import pytest
 from shared.db import session_scope
 from shared.jobstate import ALLOWED, FINAL, IllegalTransition, JobStatus, transition
 from shared.orm import Job
-from tests.helpers import job_row, ready_dataset
+from tests.helpers import job_row, ready_dataset, run_in_threads
 
 LEGAL = [(a, b) for a, targets in ALLOWED.items() for b in targets]
 ILLEGAL = [(a, b) for a, b in itertools.product(JobStatus, JobStatus) if b not in ALLOWED[a]]
@@ -62,19 +63,15 @@ def test_stale_expectation_changes_nothing(migrated):
 ])
 def test_racing_threads_have_exactly_one_winner(migrated, targets):
     job_id = job_row(ready_dataset(), JobStatus.queued)
-    barrier = threading.Barrier(len(targets))
-    results: list[tuple[JobStatus, bool]] = []
+    # A timeout breaks the barrier for the others if one thread fails before it, instead of hanging them.
+    barrier = threading.Barrier(len(targets), timeout=30)
 
-    def race(to: JobStatus) -> None:
+    def race(to: JobStatus) -> tuple[JobStatus, bool]:
         with session_scope() as session:
             barrier.wait()
-            results.append((to, transition(session=session, job_id=job_id, expected=JobStatus.queued, to=to)))
+            return to, transition(session=session, job_id=job_id, expected=JobStatus.queued, to=to)
 
-    threads = [threading.Thread(target=race, args=(t,)) for t in targets]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    winners = [to for to, won in results if won]
-    assert len(winners) == 1
-    assert status_of(job_id) == winners[0]
+    results = run_in_threads([functools.partial(race, to) for to in targets])
+    assert sorted(won for _, won in results) == [False] * (len(targets) - 1) + [True]
+    [winner] = [to for to, won in results if won]
+    assert status_of(job_id) == winner

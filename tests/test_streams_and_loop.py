@@ -25,7 +25,7 @@ def service(migrated, start_service):  # type: ignore[no-untyped-def]
 
 def test_event_streams_are_capped_per_key_and_end_when_idle(service: Service):
     job_id = job_row(ready_dataset())  # queued with no worker: its stream would otherwise never end
-    opened = threading.Barrier(3)
+    opened = threading.Barrier(3, timeout=20)  # broken, not hung, if a watcher fails before it
     ends: list[tuple[float, str]] = []
 
     def watch() -> None:
@@ -37,15 +37,14 @@ def test_event_streams_are_capped_per_key_and_end_when_idle(service: Service):
                 if line.startswith("data:") and "time limit" in line:
                     ends.append((time.monotonic() - started, line))
 
-    watchers = [threading.Thread(target=watch) for _ in range(2)]
-    for watcher in watchers:
-        watcher.start()
-    opened.wait(timeout=20)
-    third = httpx.get(f"{service.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=10)
-    assert (third.status_code, third.json()["code"]) == (429, "too_many_streams")
-    assert third.headers["retry-after"] == "10"
-    for watcher in watchers:
-        watcher.join(timeout=30)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        watchers = [pool.submit(watch) for _ in range(2)]
+        opened.wait()
+        third = httpx.get(f"{service.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=10)
+        assert (third.status_code, third.json()["code"]) == (429, "too_many_streams")
+        assert third.headers["retry-after"] == "10"
+        for watcher in watchers:
+            watcher.result(timeout=30)  # re-raises what failed in the watcher
     assert len(ends) == 2 and all(2.5 <= seconds < 15 for seconds, _ in ends), ends
     # The slots came back when the streams ended.
     with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=30) as again:

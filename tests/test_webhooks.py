@@ -1,8 +1,8 @@
 """Webhooks against real Postgres: the routes, the outbox rows a final state writes, and delivery to a
 receiver on loopback driven in-process (the live worker is in test_webhooks_live.py)."""
 
+import functools
 import json
-import threading
 import time
 from collections.abc import Callable
 from typing import get_args
@@ -19,7 +19,7 @@ from shared.db import session_scope
 from shared.jobstate import JobStatus, transition
 from shared.orm import BatchPrediction, Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id
 from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
-from tests.helpers import job_row, project_row, ready_dataset
+from tests.helpers import job_row, project_row, ready_dataset, run_in_threads
 from tests.processes import wait_for
 from tests.webhook_receiver import receiving, verify
 from worker.webhooks import Refused, claim, deliver_due, finish, prune, resolve
@@ -287,11 +287,8 @@ def test_concurrent_senders_deliver_each_event_exactly_once(make_app: Callable[.
         for _ in range(10):
             cancel_queued_job()
         settings = get_settings()
-        senders = [threading.Thread(target=deliver_due, kwargs={"settings": settings}) for _ in range(6)]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join(60)
+        sent = run_in_threads([functools.partial(deliver_due, settings=settings)] * 6)
+        assert sum(sent) == 20
         assert len(receiver.requests) == 20  # 10 events x 2 hooks, none twice
         assert set(receiver.accepted().values()) == {2}  # each event id: once per hook
         with session_scope() as session:
