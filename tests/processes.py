@@ -1,7 +1,10 @@
 """What tests share to reach and stand up real parts: the servers' URLs, a wait loop, and the service itself
 (API + Celery workers as subprocesses). Plain functions and classes; the fixtures around them are in conftest.py."""
 
+import glob
+import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -27,11 +32,33 @@ CLEAN_SQL = ("TRUNCATE webhook_deliveries, webhook_events, webhooks, batch_predi
              "DELETE FROM projects WHERE name <> 'default'")
 
 
-def unavailable(what: str, exc: Exception) -> None:
-    message = f"{what} is not reachable ({exc}); start it or set the TUNESERVE_TEST_* URL"
+def missing(message: str) -> NoReturn:
+    """A dependency the test needs is not here: CI must have everything, so there the test fails; a local
+    run skips it, loudly."""
     if IN_CI:
         pytest.fail(f"CI=true and {message}")
     pytest.skip(f"SKIPPING LOUDLY: {message}")
+
+
+def unavailable(what: str, exc: Exception) -> NoReturn:
+    missing(f"{what} is not reachable ({exc}); start it or set the TUNESERVE_TEST_* URL")
+
+
+def require_module(name: str, install: str) -> ModuleType:
+    """``import name``, or missing() with how to get it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"Python module {name} is not importable ({exc}); {install}")
+
+
+def require_binary(name: str, install: str, *patterns: str) -> str:
+    """The path of executable ``name``: the last match, sorted as strings, of the glob ``patterns`` (the newest
+    of one series of versions), else the one on PATH; missing() with how to get it when there is none."""
+    found = sorted(path for pattern in patterns for path in glob.glob(pattern)) or [shutil.which(name)]
+    if not found[-1]:
+        missing(f"{name} is not installed; {install}")
+    return str(found[-1])
 
 
 def reset_caches() -> None:

@@ -1,7 +1,6 @@
 """Private Postgres and Redis servers for fault tests, so stopping them never touches the machine's own."""
 
 import contextlib
-import glob
 import os
 import shutil
 import subprocess
@@ -10,17 +9,14 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 import redis
 
-from tests.processes import free_port
+from tests.processes import free_port, require_binary
 
 
 def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or ""]
-    if not found[-1]:
-        pytest.skip(f"SKIPPING LOUDLY: {name} is not installed")
-    return found[-1]
+    return require_binary(name, "apt-get install -y postgresql (.ci/setup.sh does this)",
+                          f"/usr/lib/postgresql/*/bin/{name}")
 
 
 class PrivatePostgres:
@@ -73,7 +69,8 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        server = require_binary("redis-server", "apt-get install -y redis-server (.ci/setup.sh does this)")
+        self.proc = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 15

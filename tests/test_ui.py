@@ -6,17 +6,14 @@ Screenshots land in test-artifacts/ui/.
 """
 
 import base64
-import shutil
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.live import CLASSES
-from tests.processes import REPO_ROOT
+from tests.processes import REPO_ROOT, require_binary, require_module
 from tests.synthetic import make_heldout, make_zip
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "ui"
 API_KEY = "ui-test-key-7"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -32,11 +29,10 @@ DROP = """async ([b64, name]) => {
 
 @pytest.fixture
 def browser():  # type: ignore[no-untyped-def]
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this)")
+    sync_api = require_module("playwright.sync_api", "make install (it is a dev dependency)")
+    chromium = require_binary("chromium", "apt-get install -y chromium (.ci/setup.sh does this)", "/usr/bin/chromium")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         yield browser
         browser.close()
