@@ -13,6 +13,16 @@ import redis
 from tests.processes import CLEAN_SQL, PG_ADMIN, REDIS_URL, Service, launch, reset_caches, shutdown, unavailable
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reverse", action="store_true",
+                     help="run the collected tests in reverse order, to find tests that depend on the ones before them")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 @pytest.fixture(autouse=True)
 def pillow_pixel_limit() -> Iterator[None]:
     """Pillow's MAX_IMAGE_PIXELS is process-wide; our code passes its pixel limits per call (api.images,
