@@ -14,6 +14,7 @@ from torchvision import models
 from shared import weights
 from shared.cli import main
 from shared.db import session_scope
+from shared.modeling import WeightsUnavailable, build_model
 from shared.orm import Job
 from tests.helpers import ready_dataset
 
@@ -103,3 +104,21 @@ def test_jobs_whose_weights_no_worker_has_are_422_up_front(make_app: Callable[..
         for hyperparameters in ({"weights": "none"}, {"weights": "mine.safetensors"}, {"base_model": "resnet18"}):
             response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "hyperparameters": hyperparameters})
             assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("wrong_shapes", "do not fit resnet18"),
+    ("garbage", "could not be read: "),
+])
+def test_a_weights_file_that_does_not_fit_is_weights_unavailable(tmp_path: Path, content: str, says: str) -> None:
+    """The job fails as weights_unavailable (the user's file), not as a training_error (ours)."""
+    if content == "wrong_shapes":  # every name resnet18 has, conv1 from a 4-channel stem
+        state = models.resnet18().state_dict()
+        state["conv1.weight"] = torch.zeros(64, 4, 7, 7)
+        torch.save(state, tmp_path / "w.pth")
+    else:
+        (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(WeightsUnavailable) as raised:
+        build_model(base_model="resnet18", num_classes=3, weights="w.pth", weights_dir=tmp_path)
+    assert raised.value.code == "weights_unavailable"
+    assert says in str(raised.value)

@@ -45,11 +45,14 @@ def _imagenet_state_dict(base_model: str) -> dict[str, torch.Tensor]:
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsUnavailable(f"weights file {path.name} is not in WEIGHTS_DIR ({path.parent})")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a checkpoint, or pickled objects weights_only refuses
+        raise WeightsUnavailable(f"weights file {path.name} could not be read: {type(exc).__name__}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -77,7 +80,10 @@ def build_model(
                 raise WeightsUnavailable("no WEIGHTS_DIR is configured")
             state = _file_state_dict(weights_dir / weights)
         backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(backbone, strict=False)
+        except RuntimeError as exc:  # the right names with the wrong shapes: another architecture's file
+            raise WeightsUnavailable(f"weights '{weights}' do not fit {base_model}: {str(exc)[:300]}") from exc
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise WeightsUnavailable(
