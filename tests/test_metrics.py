@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from worker.training.metrics import classification_report, confusion_matrix, expected_calibration_error
+from worker.training.metrics import (
+    classification_report,
+    confusion_matrix,
+    expected_calibration_error,
+    wilson_interval,
+)
 
 CLASSES = ["cat", "dog", "fox"]
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
@@ -62,3 +67,20 @@ def test_perfectly_calibrated_predictions_have_zero_ece_and_empty_split_reports_
     assert expected_calibration_error(probs, np.array([0, 1, 1, 0])) == pytest.approx(0.0)
     assert classification_report(probs=np.zeros((0, 3)), labels=np.zeros(0, dtype=np.int64),
                                  classes=CLASSES) == {"samples": 0}
+
+
+def test_accuracy_has_a_wilson_interval_and_small_splits_say_how_little_they_mean():
+    # Textbook values: 7/10 is 0.397..0.892; 0/10 and 10/10 stay inside [0, 1] (the normal approximation does not).
+    assert wilson_interval(7, 10) == pytest.approx((0.39677, 0.89221), abs=1e-5)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.72246, 1.0), abs=1e-5)
+    small = classification_report(probs=np.array([[0.9, 0.1]] * 5 + [[0.1, 0.9]]), labels=np.zeros(6, dtype=int),
+                                  classes=["a", "b"])
+    assert small["accuracy_interval"] == pytest.approx([0.43649, 0.96994], abs=1e-5)
+    assert small["warning"] == ("only 6 held-out images: accuracy 0.83 could be anywhere from 0.44 to 0.97 (95%); "
+                                "upload more images per class for a figure that means much")
+    labels = np.array([0] * 100)
+    preds = np.array([0] * 90 + [1] * 10)
+    large = classification_report(probs=probabilities(preds, np.full(100, 0.9), 2), labels=labels, classes=["a", "b"])
+    assert large["accuracy_interval"] == pytest.approx([0.82563, 0.94477], abs=1e-5)
+    assert "warning" not in large  # 12 points wide

@@ -129,7 +129,8 @@ export async function jobPage(view, { id, cleanup }) {
     fill(result, 
       job.error ? h("div", { class: "error" }, `${job.error} (${job.error_code})`) : "",
       job.model_id ? h("p", {}, `Test accuracy ${pct(test.accuracy)} on ${test.samples ?? 0} images · `,
-        h("a", { href: `#/models/${job.model_id}`, id: "job-model" }, `model ${short(job.model_id)} →`)) : "");
+        h("a", { href: `#/models/${job.model_id}`, id: "job-model" }, `model ${short(job.model_id)} →`)) : "",
+      job.model_id && test.warning ? h("p", { class: "muted", id: "test-warning" }, test.warning) : "");
   };
   const summary = h("div", { class: "card" },
     h("div", { class: "row" }, status, h("span", { style: "flex:1" }, bar), cancel), h("p"), detail,

@@ -71,7 +71,8 @@ export async function modelPage(view, { id }) {
       h("span", { style: "flex:1" }), promote),
     h("p", {}, `Test accuracy `, h("b", { id: "test-accuracy" }, pct(test.accuracy)),
       test.top5_accuracy !== undefined ? ` · top-5 ${pct(test.top5_accuracy)}` : "",
-      ` · macro F1 ${num(test.macro_f1)} · ECE ${num(test.ece)} · ${test.samples ?? 0} test images`)),
+      ` · macro F1 ${num(test.macro_f1)} · ECE ${num(test.ece)} · ${test.samples ?? 0} test images`),
+    test.warning ? h("p", { class: "muted", id: "test-warning" }, test.warning) : ""),
     h("div", { class: "card", id: "calibration" }, h("h2", {}, "Calibration and abstain"),
       h("p", {}, "Temperature ", h("b", { id: "temperature" }, num(model.temperature, 2)),
         calibration.ece_before !== undefined
