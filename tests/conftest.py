@@ -60,7 +60,7 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def env_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, str]]:
+def env_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., dict[str, str]]]:
     """Point this process's Settings at a backend: ``env_for()`` is embedded, ``env_for(db, broker)``
     uses servers. Returns the environment to hand to subprocesses."""
 
@@ -87,7 +87,7 @@ def env_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., di
 
 
 @pytest.fixture
-def migrated(env_for, pg_url, redis_url) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def migrated(env_for, pg_url, redis_url) -> dict[str, str]:
     """Settings on real Postgres + Redis, schema at head, all rows from earlier tests removed."""
     from shared.migrate import upgrade
 
@@ -99,7 +99,7 @@ def migrated(env_for, pg_url, redis_url) -> dict[str, str]:  # type: ignore[no-u
 
 
 @pytest.fixture
-def make_app(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
+def make_app(migrated, env_for, pg_url, redis_url):
     """``make_app(**settings)``: an in-process TestClient on a clean, migrated Postgres with extra settings."""
     from fastapi.testclient import TestClient
 

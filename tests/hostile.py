@@ -21,7 +21,7 @@ from worker.ingest import ingest_dataset
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (30, 40, 220)
 
 
-def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:  # type: ignore[no-untyped-def]
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
@@ -115,6 +115,6 @@ def ingest(settings: Settings, archive: Path) -> Dataset:
     dataset_id = create_dataset(settings, archive)
     ingest_dataset(dataset_id=dataset_id, settings=settings)
     with session_scope() as session:
-        dataset = session.get(Dataset, dataset_id)
+        dataset = session.get_one(Dataset, dataset_id)
         session.expunge(dataset)
     return dataset

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import Literal, NoReturn, TypeVar
 
 import httpx
 import pytest
@@ -22,6 +22,7 @@ from shared.celery_app import get_celery
 from shared.config import get_settings
 from shared.db import get_engine, get_sessionmaker
 
+T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("TUNESERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNESERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -55,10 +56,10 @@ def require_module(name: str, install: str) -> ModuleType:
 def require_binary(name: str, install: str, *patterns: str) -> str:
     """The path of executable ``name``: the last match, sorted as strings, of the glob ``patterns`` (the newest
     of one series of versions), else the one on PATH; missing() with how to get it when there is none."""
-    found = sorted(path for pattern in patterns for path in glob.glob(pattern)) or [shutil.which(name)]
+    found = sorted(path for pattern in patterns for path in glob.glob(pattern)) or [shutil.which(name) or ""]
     if not found[-1]:
         missing(f"{name} is not installed; {install}")
-    return str(found[-1])
+    return found[-1]
 
 
 def reset_caches() -> None:
@@ -79,7 +80,7 @@ class Service:
     processes: list[subprocess.Popen]
     log_dir: Path
 
-    def client(self, **kwargs) -> httpx.Client:  # type: ignore[no-untyped-def]
+    def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen:
@@ -93,8 +94,9 @@ class Service:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.25, what: str = "condition"
-             ) -> object:
+def wait_for(predicate: Callable[[], T | Literal[False] | None], timeout: float, interval: float = 0.25,
+             what: str = "condition") -> T:
+    """The first truthy value ``predicate`` returns within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -7,7 +7,7 @@ from shared.orm import Dataset, Job, Model
 def move_to_project(model_id: str, project: str) -> tuple[str, str]:
     """The model's dataset, job and model rows into ``project`` (which must exist); returns (job_id, dataset_id)."""
     with session_scope() as session:
-        model = session.get(Model, model_id)
-        for row in (model, session.get(Job, model.job_id), session.get(Dataset, model.dataset_id)):
+        model = session.get_one(Model, model_id)
+        for row in (model, session.get_one(Job, model.job_id), session.get_one(Dataset, model.dataset_id)):
             row.project = project
         return model.job_id, model.dataset_id

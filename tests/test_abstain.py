@@ -20,7 +20,7 @@ IMAGE = jpeg_bytes(make_image("red", random.Random(0)))
 
 
 @pytest.fixture
-def api(migrated) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def api(migrated) -> Iterator[TestClient]:
     from api.main import create_app
 
     with TestClient(create_app()) as client:

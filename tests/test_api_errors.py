@@ -15,14 +15,14 @@ MISSING = "00000000-0000-0000-0000-000000000000"
 
 
 @pytest.fixture
-def client(migrated):  # type: ignore[no-untyped-def]
+def client(migrated):
     from api.main import create_app
 
     with TestClient(create_app()) as test_client:
         yield test_client
 
 
-def error(response, status: int, code: str) -> dict:  # type: ignore[no-untyped-def]
+def error(response, status: int, code: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["code"] == code

@@ -4,6 +4,7 @@ what is refused (with its code, and nothing created), and what each state allows
 import io
 import random
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,13 @@ def archive_bytes(count: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def upload(client: TestClient, data: dict | None = None, content: bytes | None = None, **kwargs):  # type: ignore[no-untyped-def]
+def upload(client: TestClient, data: dict | None = None, content: bytes | None = None, **kwargs):
     files = {"file": ("images.zip", archive_bytes() if content is None else content, "application/zip")}
     return client.post(URL, files=files, data=data or {}, **kwargs)
 
 
 @pytest.fixture
-def client(make_app) -> TestClient:  # type: ignore[no-untyped-def]
+def client(make_app) -> Iterator[TestClient]:
     with make_app() as client:
         yield client
 
@@ -43,7 +44,7 @@ def model_id(client: TestClient) -> str:
     return publish_model()
 
 
-def assert_refused(client: TestClient, response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+def assert_refused(client: TestClient, response, status: int, code: str) -> None:
     assert (response.status_code, response.json()["code"]) == (status, code), response.text
     assert client.get(URL).json() == {"data": [], "count": 0}
     assert files_under(get_settings().data_dir / "batches") == []
@@ -77,8 +78,8 @@ def test_a_bad_top_k_is_422_in_a_form_and_in_json(client: TestClient, model_id: 
     for top_k in ("0", "abc", "101", "2.5", "\u00b2", "1" * 5000):
         assert_refused(client, upload(client, data={"top_k": top_k}), 422, "validation_error")
     dataset_id = ready_dataset()
-    for top_k in (0, 101, "x"):
-        response = client.post(URL, json={"dataset_id": dataset_id, "top_k": top_k})
+    for value in (0, 101, "x"):
+        response = client.post(URL, json={"dataset_id": dataset_id, "top_k": value})
         assert_refused(client, response, 422, "validation_error")
         assert response.json()["errors"][0]["field"] == "top_k"
 
@@ -115,7 +116,7 @@ def test_a_dataset_still_processing_is_409(client: TestClient, model_id: str):
 
     dataset_id = ready_dataset()
     with session_scope() as session:
-        session.get(Dataset, dataset_id).status = "processing"
+        session.get_one(Dataset, dataset_id).status = "processing"
     assert_refused(client, client.post(URL, json={"dataset_id": dataset_id}), 409, "dataset_not_ready")
 
 
@@ -147,7 +148,7 @@ def test_a_body_that_is_neither_multipart_nor_json_is_415(client: TestClient, mo
     assert_refused(client, response, 415, "unsupported_media_type")
 
 
-def test_an_archive_over_the_upload_cap_is_413(make_app, tmp_path: Path):  # type: ignore[no-untyped-def]
+def test_an_archive_over_the_upload_cap_is_413(make_app, tmp_path: Path):
     with make_app(TUNESERVE_MAX_UPLOAD_MB="1") as client:
         publish_model()
         big = archive_bytes() + b"\0" * (2 * 2**20)
@@ -224,7 +225,7 @@ def test_a_batchs_upload_counts_against_its_project_and_holds_the_project(client
     assert client.get("/v1/projects/team").json()["usage"]["bytes"] == before
 
 
-def test_an_upload_that_would_eat_the_disk_reserve_is_507(make_app):  # type: ignore[no-untyped-def]
+def test_an_upload_that_would_eat_the_disk_reserve_is_507(make_app):
     with make_app(TUNESERVE_MIN_FREE_DISK_GB="1000000") as client:
         publish_model()
         assert_refused(client, upload(client), 507, "insufficient_storage")

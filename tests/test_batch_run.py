@@ -22,7 +22,7 @@ MARKER = {"label": "from-an-earlier-worker", "score": 1.0}
 
 
 @pytest.fixture
-def settings(migrated, env_for, pg_url, redis_url):  # type: ignore[no-untyped-def]
+def settings(migrated, env_for, pg_url, redis_url):
     env_for(pg_url, redis_url, TUNESERVE_BATCH_CHUNK_IMAGES="4", TUNESERVE_BATCH_MAX_IMAGES="10")
     return get_settings()
 
@@ -31,7 +31,7 @@ def names(count: int) -> list[str]:
     return [f"{CLASSES[i % 3]}/{i}.jpg" for i in range(count)]
 
 
-def queued_batch(settings, *, count: int = 8, content: bytes | None = None, **fields) -> str:  # type: ignore[no-untyped-def]
+def queued_batch(settings, *, count: int = 8, content: bytes | None = None, **fields) -> str:
     """A queued batch of ``count`` images (or of ``content``), as the API leaves it."""
     if content is None:
         rng = random.Random(0)
@@ -53,16 +53,16 @@ def queued_batch(settings, *, count: int = 8, content: bytes | None = None, **fi
 
 def row(batch_id: str) -> BatchPrediction:
     with session_scope() as session:
-        batch = session.get(BatchPrediction, batch_id)
+        batch = session.get_one(BatchPrediction, batch_id)
         session.expunge(batch)
         return batch
 
 
-def results(settings, batch_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def results(settings, batch_id: str) -> list[dict]:
     return [json.loads(line) for line in (batch_dir(settings, batch_id) / "results.jsonl").read_text().splitlines()]
 
 
-def test_a_requeued_batch_keeps_the_chunks_already_written(settings):  # type: ignore[no-untyped-def]
+def test_a_requeued_batch_keeps_the_chunks_already_written(settings):
     batch_id = queued_batch(settings, attempts=1)  # as the reaper leaves a batch whose worker died
     chunks = batch_dir(settings, batch_id) / "chunks-4"
     chunks.mkdir()
@@ -83,7 +83,7 @@ def test_a_requeued_batch_keeps_the_chunks_already_written(settings):  # type: i
     assert sorted(p.name for p in batch_dir(settings, batch_id).iterdir()) == ["results.csv", "results.jsonl"]
 
 
-def test_rows_under_the_models_thresholds_abstain_with_label_null(settings):  # type: ignore[no-untyped-def]
+def test_rows_under_the_models_thresholds_abstain_with_label_null(settings):
     from shared.orm import Model
 
     batch_id = queued_batch(settings, count=4)
@@ -106,7 +106,7 @@ def test_rows_under_the_models_thresholds_abstain_with_label_null(settings):  # 
     assert all(line.split(",")[1] == "" for line in lines[1:])
 
 
-def test_a_delivery_of_a_batch_another_worker_runs_does_nothing(settings):  # type: ignore[no-untyped-def]
+def test_a_delivery_of_a_batch_another_worker_runs_does_nothing(settings):
     batch_id = queued_batch(settings, status="running", attempts=1, worker_id="elsewhere:1", heartbeat_at=utcnow())
     run_batch(batch_id)
     batch = row(batch_id)
@@ -114,7 +114,7 @@ def test_a_delivery_of_a_batch_another_worker_runs_does_nothing(settings):  # ty
     assert not (batch_dir(settings, batch_id) / "chunks-4").exists()
 
 
-def test_a_worker_shutting_down_hands_the_batch_back(settings):  # type: ignore[no-untyped-def]
+def test_a_worker_shutting_down_hands_the_batch_back(settings):
     batch_id = queued_batch(settings)
     SHUTDOWN.set()
     try:
@@ -127,7 +127,7 @@ def test_a_worker_shutting_down_hands_the_batch_back(settings):  # type: ignore[
     assert (row(batch_id).status, row(batch_id).attempts) == ("succeeded", 2)
 
 
-def test_more_files_than_batch_max_images_fails_and_keeps_nothing(settings):  # type: ignore[no-untyped-def]
+def test_more_files_than_batch_max_images_fails_and_keeps_nothing(settings):
     batch_id = queued_batch(settings, count=11)
     run_batch(batch_id)
     batch = row(batch_id)
@@ -137,7 +137,7 @@ def test_more_files_than_batch_max_images_fails_and_keeps_nothing(settings):  # 
     assert not batch_dir(settings, batch_id).exists()
 
 
-def test_a_corrupt_archive_fails_with_its_reason(settings):  # type: ignore[no-untyped-def]
+def test_a_corrupt_archive_fails_with_its_reason(settings):
     batch_id = queued_batch(settings, content=b"PK\x03\x04" + b"\x00" * 64)
     run_batch(batch_id)
     batch = row(batch_id)
@@ -145,7 +145,7 @@ def test_a_corrupt_archive_fails_with_its_reason(settings):  # type: ignore[no-u
     assert not batch_dir(settings, batch_id).exists()
 
 
-def test_a_deleted_model_fails_the_batch(settings):  # type: ignore[no-untyped-def]
+def test_a_deleted_model_fails_the_batch(settings):
     import shutil
 
     from shared.storage import model_dir
@@ -156,7 +156,7 @@ def test_a_deleted_model_fails_the_batch(settings):  # type: ignore[no-untyped-d
     assert (row(batch_id).status, row(batch_id).error_code) == ("failed", "model_missing")
 
 
-def test_the_reaper_requeues_fails_or_cancels_batches_whose_worker_went_silent(settings):  # type: ignore[no-untyped-def]
+def test_the_reaper_requeues_fails_or_cancels_batches_whose_worker_went_silent(settings):
     silent = utcnow() - timedelta(seconds=settings.lease_timeout_seconds + 5)
     requeue = queued_batch(settings, status="running", attempts=1, worker_id="dead:1", heartbeat_at=silent,
                            enqueued_at=silent)

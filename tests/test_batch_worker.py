@@ -90,7 +90,7 @@ def expected_top(model_id: str, data: bytes, k: int) -> list[tuple[str, float]]:
 
 
 @pytest.fixture
-def service(migrated, start_service) -> Service:  # type: ignore[no-untyped-def]
+def service(migrated, start_service) -> Service:
     return start_service({**migrated, **FAST_RECOVERY})
 
 

@@ -27,7 +27,7 @@ def tuneserve(*args: str, env: dict[str, str], timeout: float = 240) -> subproce
 
 
 @pytest.fixture(scope="module")
-def service(pg_url, redis_url, tmp_path_factory):  # type: ignore[no-untyped-def]
+def service(pg_url, redis_url, tmp_path_factory):
     with serve(tmp_path_factory.mktemp("cli") / "data", pg_url, redis_url, TUNESERVE_API_KEYS=API_KEY) as service:
         yield service
 

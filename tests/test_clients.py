@@ -9,7 +9,7 @@ from tests.helpers import files_under, ready_dataset, run_in_threads
 
 
 @pytest.fixture
-def client(migrated):  # type: ignore[no-untyped-def]
+def client(migrated):
     from api.main import create_app
 
     with TestClient(create_app()) as test_client:
@@ -85,7 +85,7 @@ def test_upload_over_the_limit_is_413_before_the_body_is_read(make_app):
 
         sent = 0
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks():
             nonlocal sent
             boundary = b"--xyz\r\n"
             yield boundary + b'Content-Disposition: form-data; name="file"; filename="big.zip"\r\n\r\nPK\x03\x04'

@@ -315,7 +315,7 @@ def test_broker_url_points_at_the_redis_service(resolved: dict, name: str):
 
 def _compose_verbs() -> list[tuple[str, list[str]]]:
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    verbs = {}
+    verbs: dict[str, list[str]] = {}
     for name in APP_SERVICES:
         argv = as_argv(services[name]["command"])
         if argv and argv[0] == "tuneserve":

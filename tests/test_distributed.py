@@ -80,7 +80,7 @@ def test_gpus_resolves_to_processes_or_fails_with_not_enough_gpus():
 
 
 @pytest.fixture
-def four_colours(migrated) -> str:  # type: ignore[no-untyped-def]
+def four_colours(migrated) -> str:
     from shared.orm import Dataset
     from shared.storage import dataset_cache
 

@@ -11,7 +11,7 @@ LEGAL_NEXT = {"queued": {"running", "cancelled", "failed", "succeeded"},
 
 
 @pytest.fixture(scope="module")
-def streamed(pg_url, redis_url, tmp_path_factory) -> Any:  # type: ignore[no-untyped-def]
+def streamed(pg_url, redis_url, tmp_path_factory) -> Any:
     """A service, a tiny job, and every event of that job's stream read from the moment it was queued."""
     tmp = tmp_path_factory.mktemp("events")
     with serve(tmp / "data", pg_url, redis_url) as service:

@@ -78,7 +78,7 @@ def raw_request(service: Service, head: str, body_chunks: list[bytes] | None = N
 
 
 @pytest.fixture
-def service(migrated, start_service):  # type: ignore[no-untyped-def]
+def service(migrated, start_service):
     stale = Path(migrated["TUNESERVE_DATA_DIR"]) / "tmp" / ".upload-left-by-a-crash"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"x" * 1000)

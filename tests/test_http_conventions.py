@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.helpers import job_row, ready_dataset
@@ -116,6 +117,7 @@ def test_errors_are_rfc9457_problems_with_our_code(client: TestClient, case: str
 
 def test_an_unhandled_error_is_a_500_problem_naming_the_request(make_app: Callable[..., TestClient]):
     client = make_app()
+    assert isinstance(client.app, FastAPI)
 
     @client.app.get("/v1/boom")
     def boom() -> None:

@@ -16,7 +16,7 @@ TWO = {"cats": RED, "dogs": BLUE}
 
 
 @pytest.fixture
-def settings(migrated) -> Settings:  # type: ignore[no-untyped-def]
+def settings(migrated) -> Settings:
     return Settings(cache_size=32, min_images_per_class=2)
 
 

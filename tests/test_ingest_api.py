@@ -13,11 +13,11 @@ from tests.processes import Service, wait_for
 SERVICE_ENV = {"TUNESERVE_MAX_UPLOAD_MB": "1", "TUNESERVE_CACHE_SIZE": "32"}
 
 
-def upload(client, archive: Path):  # type: ignore[no-untyped-def]
+def upload(client, archive: Path):
     return client.post("/v1/datasets", files={"file": (archive.name, archive.read_bytes(), "application/zip")})
 
 
-def finished(client, dataset_id: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
+def finished(client, dataset_id: str) -> dict:
     return wait_for(lambda: (d := client.get(f"/v1/datasets/{dataset_id}").json())["status"] != "processing" and d,
                     60, what=f"ingestion of {dataset_id}")
 

@@ -8,7 +8,7 @@ from tests.hostile import BLUE, GREEN, RED, ingest, solid, write_zip
 
 
 @pytest.fixture
-def settings(migrated) -> Settings:  # type: ignore[no-untyped-def]
+def settings(migrated) -> Settings:
     return Settings(cache_size=32, min_images_per_class=1)
 
 

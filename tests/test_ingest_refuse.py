@@ -30,11 +30,11 @@ TWO = {"cats": RED, "dogs": BLUE}
 
 
 @pytest.fixture
-def settings(migrated) -> Settings:  # type: ignore[no-untyped-def]
+def settings(migrated) -> Settings:
     return Settings(cache_size=32, min_images_per_class=2)
 
 
-def files_under(root) -> set[str]:  # type: ignore[no-untyped-def]
+def files_under(root) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 

@@ -13,7 +13,7 @@ from tests.hostile import BLUE, RED, create_dataset, image_folder, ingest, write
 
 
 @pytest.fixture
-def settings(migrated) -> Settings:  # type: ignore[no-untyped-def]
+def settings(migrated) -> Settings:
     return Settings(cache_size=32, min_images_per_class=2)
 
 

@@ -17,7 +17,7 @@ ILLEGAL = [(a, b) for a, b in itertools.product(JobStatus, JobStatus) if b not i
 
 def status_of(job_id: str) -> str:
     with session_scope() as session:
-        return session.get(Job, job_id).status
+        return session.get_one(Job, job_id).status
 
 
 def test_the_diagram_is_the_one_in_the_design():

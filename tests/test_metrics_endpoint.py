@@ -13,12 +13,12 @@ from tests.live import serve
 
 
 @pytest.fixture(scope="module")
-def service(pg_url, redis_url, tmp_path_factory):  # type: ignore[no-untyped-def]
+def service(pg_url, redis_url, tmp_path_factory):
     with serve(tmp_path_factory.mktemp("metrics") / "data", pg_url, redis_url, workers=0) as service:
         yield service
 
 
-def scrape(service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  # type: ignore[no-untyped-def]
+def scrape(service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with service.client() as client:
         response = client.get("/metrics")
     assert response.status_code == 200

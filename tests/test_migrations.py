@@ -20,7 +20,7 @@ TABLES = {"datasets", "jobs", "job_epochs", "models", "projects", "api_keys", "b
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request, tmp_path, pg_url):  # type: ignore[no-untyped-def]
+def fresh_url(request, tmp_path, pg_url):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'm.db'}"
         return

@@ -15,7 +15,7 @@ from tests.synthetic import jpeg_bytes, make_image
 
 
 @pytest.fixture
-def api(migrated) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def api(migrated) -> Iterator[TestClient]:
     from api.main import create_app
 
     with TestClient(create_app()) as client:

@@ -36,7 +36,7 @@ class Live:
     model_id: str  # alpha's serving model
     beta_model_id: str
 
-    def post(self, path: str, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+    def post(self, path: str, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:
         return httpx.post(self.service.url + path, headers={**self.alpha, **(headers or {})}, timeout=60, **kwargs)
 
 

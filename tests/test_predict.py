@@ -18,7 +18,7 @@ from tests.synthetic import jpeg_bytes, make_image
 
 
 @pytest.fixture
-def make_api(migrated, monkeypatch) -> Iterator[Callable[..., TestClient]]:  # type: ignore[no-untyped-def]
+def make_api(migrated, monkeypatch) -> Iterator[Callable[..., TestClient]]:
     """An in-process API on the migrated database; keyword arguments become TUNESERVE_* settings."""
     clients: list[TestClient] = []
 
@@ -38,7 +38,7 @@ def make_api(migrated, monkeypatch) -> Iterator[Callable[..., TestClient]]:  # t
 
 
 @pytest.fixture
-def api(make_api) -> TestClient:  # type: ignore[no-untyped-def]
+def api(make_api) -> TestClient:
     return make_api()
 
 
@@ -46,7 +46,7 @@ def photo(seed: int, label: str = "red") -> bytes:
     return jpeg_bytes(make_image(label, random.Random(seed), size=56))
 
 
-def predict(api: TestClient, files: list[tuple[str, bytes]], **data: str):  # type: ignore[no-untyped-def]
+def predict(api: TestClient, files: list[tuple[str, bytes]], **data: str):
     return api.post("/v1/predict", files=[("file", (name, body, "image/jpeg")) for name, body in files], data=data)
 
 

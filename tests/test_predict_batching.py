@@ -15,7 +15,7 @@ from tests.model_rows import write_artifact
 
 
 @pytest.fixture
-def loaded(env_for) -> LoadedModel:  # type: ignore[no-untyped-def]
+def loaded(env_for) -> LoadedModel:
     env_for()
     model_id = new_id()
     write_artifact(model_id)

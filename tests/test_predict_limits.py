@@ -21,7 +21,7 @@ from tests.synthetic import jpeg_bytes, make_image
 
 
 @pytest.fixture
-def make_client(make_app):  # type: ignore[no-untyped-def]
+def make_client(make_app):
     """An app with one servable model in project default."""
 
     def make(**settings: str) -> TestClient:

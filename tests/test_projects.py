@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from shared.config import get_settings
@@ -22,7 +23,7 @@ ADMIN = "root-bootstrap-key"
 
 
 @pytest.fixture
-def client(make_app: Callable[..., TestClient]):  # type: ignore[no-untyped-def]
+def client(make_app: Callable[..., TestClient]):
     with make_app() as test_client:
         yield test_client
 
@@ -213,7 +214,7 @@ def test_an_upload_that_would_eat_the_disk_reserve_is_507_before_the_body(make_a
 
 def test_the_predictor_keeps_a_bounded_set_of_project_models_warm(make_app: Callable[..., TestClient]):
     with make_app(TUNESERVE_PREDICT_MAX_MODELS="2") as client:
-        served = {}
+        served: dict[str, str] = {}
         for name in ("p1", "p2", "p3"):
             project_row(name)
             served[name] = publish_model(project=name, seed=len(served))
@@ -221,6 +222,7 @@ def test_the_predictor_keeps_a_bounded_set_of_project_models_warm(make_app: Call
             for name, model_id in served.items():
                 answer = client.post(f"/v1/projects/{name}/predict", files=image())
                 assert (answer.status_code, answer.json()["model_id"]) == (200, model_id)
-        predictor = client.app.state.predictor  # type: ignore[attr-defined]
+        assert isinstance(client.app, FastAPI)
+        predictor = client.app.state.predictor
         assert len(predictor._models) == 2
         assert set(predictor._models) == {served["p2"], served["p3"]}  # the least recently used project went

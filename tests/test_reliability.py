@@ -14,14 +14,14 @@ from worker.reliability import reap_stale_jobs, send_unsent
 from worker.training.job import run_training_job
 
 
-def set_job(job_id: str, **values) -> None:  # type: ignore[no-untyped-def]
+def set_job(job_id: str, **values) -> None:
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
 def get_job(job_id: str) -> Job:
     with session_scope() as session:
-        return session.get(Job, job_id)
+        return session.get_one(Job, job_id)
 
 
 def test_second_delivery_of_a_running_job_does_nothing(migrated):

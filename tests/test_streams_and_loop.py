@@ -18,7 +18,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-def service(migrated, start_service):  # type: ignore[no-untyped-def]
+def service(migrated, start_service):
     return start_service({**migrated, "TUNESERVE_API_KEYS": KEY, "TUNESERVE_SSE_MAX_STREAMS_PER_KEY": "2",
                           "TUNESERVE_SSE_IDLE_SECONDS": "3"}, workers=0)
 

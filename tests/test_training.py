@@ -25,7 +25,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> CachedDataset:
 
 
 def run(data: CachedDataset, work: Path, reporter: Recorder | None = None, weights_dir: Path | None = None,
-        features_dir: Path | None = None, **overrides: Any):  # type: ignore[no-untyped-def]
+        features_dir: Path | None = None, **overrides: Any):
     hp = Hyperparameters(**{**TINY, **overrides})
     splits = stored_splits(splits_dir=work / "splits", data=data, hp=hp)
     return fit(hp=hp, data=data, splits=splits, device=CPU, work_dir=work / "job", weights_dir=weights_dir,

@@ -54,35 +54,36 @@ def test_small_classes_keep_most_images_for_training() -> None:
 
 def test_ema_averages_parameters_with_a_warm_up_and_copies_buffers() -> None:
     model = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
+    weight, running_mean = model.get_parameter("0.weight"), model.get_buffer("1.running_mean")
     with torch.no_grad():
-        model[0].weight.fill_(0.0)
+        weight.fill_(0.0)
     ema = WeightEma(model, decay=0.9)
     with torch.no_grad():
-        model[0].weight.fill_(1.0)
-        model[1].running_mean.fill_(3.0)
+        weight.fill_(1.0)
+        running_mean.fill_(3.0)
     ema.update()  # warm-up decay min(0.9, 2 / 11)
-    assert ema.module[0].weight.flatten().tolist() == pytest.approx([1 - 2 / 11] * 2)
-    assert ema.module[1].running_mean.item() == 3.0
+    assert ema.module.get_parameter("0.weight").flatten().tolist() == pytest.approx([1 - 2 / 11] * 2)
+    assert ema.module.get_buffer("1.running_mean").item() == 3.0
     for _ in range(200):
         ema.update()
-    assert ema.module[0].weight.flatten().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert ema.module.get_parameter("0.weight").flatten().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
     assert not any(p.requires_grad for p in ema.module.parameters())
     assert ema_decay(100) == 0.9 and ema_decay(10_000) == pytest.approx(0.999) and ema_decay(10**8) == 0.9998
 
 
 def test_recalibration_replaces_trainable_statistics_and_keeps_frozen_ones() -> None:
-    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2))
-    model[1].weight.requires_grad_(False)
-    model[1].bias.requires_grad_(False)
-    model[1].running_mean.fill_(7.0)
+    trainable, frozen = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    model = nn.Sequential(trainable, frozen)
+    frozen.requires_grad_(False)
+    model.get_buffer("1.running_mean").fill_(7.0)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(64, 2, generator=generator) * 2 + 5 for _ in range(8)]
     model.train()
     assert recalibrate_bn(model, batches)
     everything = torch.cat(batches)
-    assert model[0].running_mean.tolist() == pytest.approx(everything.mean(0).tolist(), abs=1e-5)
-    assert model[0].momentum == 0.1 and model.training  # restored
-    assert model[1].running_mean.tolist() == [7.0, 7.0]
+    assert model.get_buffer("0.running_mean").tolist() == pytest.approx(everything.mean(0).tolist(), abs=1e-5)
+    assert trainable.momentum == 0.1 and model.training  # restored
+    assert model.get_buffer("1.running_mean").tolist() == [7.0, 7.0]
     assert not recalibrate_bn(nn.Linear(2, 2), batches)
     picked = recalibration_indices(np.arange(10_000), seed=3)
     assert len(picked) == 512 and (np.diff(picked) > 0).all()

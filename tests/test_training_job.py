@@ -14,7 +14,7 @@ from worker.training.job import run_training_job
 
 
 @pytest.fixture
-def dataset_id(migrated) -> str:  # type: ignore[no-untyped-def]
+def dataset_id(migrated) -> str:
     with session_scope() as session:
         dataset = Dataset(name="colours", status="ready", filename="colours.zip", classes=["red", "green", "blue"])
         session.add(dataset)

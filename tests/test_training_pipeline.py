@@ -29,6 +29,12 @@ def indexed_dataset(count: int, side: int = 4) -> CachedDataset:
                          preset_splits=np.full(count, -1, dtype=np.int8), classes=[str(i) for i in range(count)])
 
 
+def saved_epoch(path: Path) -> int:
+    checkpoint = load_checkpoint(path)
+    assert checkpoint is not None, f"no checkpoint at {path}"
+    return int(checkpoint["epoch"])
+
+
 def producer_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "batch-producer"]
 
@@ -106,7 +112,7 @@ class FailingImages(np.ndarray):
 
     reads = 0
 
-    def take(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def take(self, *args, **kwargs):
         FailingImages.reads += 1
         if FailingImages.reads >= 3:
             raise OSError("read error in the cache")
@@ -191,7 +197,7 @@ def test_then_runs_on_the_callers_thread_once_the_files_are_on_disk(tmp_path):
     reported: list[tuple[int, str]] = []
 
     def report(epoch: int) -> None:
-        reported.append((load_checkpoint(path)["epoch"], threading.current_thread().name))
+        reported.append((saved_epoch(path), threading.current_thread().name))
 
     writer = CheckpointWriter()
     writer.submit([(path, {"epoch": 1, "w": torch.ones(1_000_000)})], then=lambda: report(1))
@@ -280,13 +286,14 @@ class CheckpointOnReport:
     """A reporter that reads the checkpoint at each epoch report: what a worker killed right then resumes from."""
 
     def __init__(self, work: Path) -> None:
-        self.work, self.seen = work, []
+        self.work = work
+        self.seen: list[tuple[int, int]] = []
 
     def progress(self, progress: dict) -> None:
         pass
 
     def epoch_done(self, epoch: int, metrics: dict) -> None:
-        self.seen.append((epoch, load_checkpoint(self.work / CHECKPOINT)["epoch"]))
+        self.seen.append((epoch, saved_epoch(self.work / CHECKPOINT)))
 
     def stop_requested(self) -> bool:
         return False

@@ -28,7 +28,7 @@ DROP = """async ([b64, name]) => {
 
 
 @pytest.fixture
-def browser():  # type: ignore[no-untyped-def]
+def browser():
     sync_api = require_module("playwright.sync_api", "make install (it is a dev dependency)")
     chromium = require_binary("chromium", "apt-get install -y chromium (.ci/setup.sh does this)", "/usr/bin/chromium")
     with sync_api.sync_playwright() as playwright:
@@ -45,7 +45,7 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
     problems: list[str] = []
     context = browser.new_context(viewport={"width": 1280, "height": 900})
 
-    def guard(route) -> None:  # type: ignore[no-untyped-def]
+    def guard(route) -> None:
         url = urlsplit(route.request.url)
         if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in LOCAL_HOSTS:
             problems.append(f"request to a non-local host: {route.request.url}")
@@ -55,7 +55,12 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
 
     context.route("**/*", guard)
     page = context.new_page()
-    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+
+    def console(message) -> None:
+        if message.type == "error":
+            problems.append(f"console error: {message.text}")
+
+    page.on("console", console)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.set_default_timeout(30_000)
 
@@ -116,15 +121,20 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
     assert problems == []
 
 
-def _page(context, problems: list[str]):  # type: ignore[no-untyped-def]
+def _page(context, problems: list[str]):
     page = context.new_page()
-    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+
+    def console(message) -> None:
+        if message.type == "error":
+            problems.append(f"console error: {message.text}")
+
+    page.on("console", console)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.set_default_timeout(30_000)
     return page
 
 
-def _rows(page, selector: str, attribute: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _rows(page, selector: str, attribute: str) -> list[str]:
     return page.eval_on_selector_all(selector, f"(rows) => rows.map((r) => r.getAttribute('{attribute}'))")
 
 

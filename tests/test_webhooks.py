@@ -9,16 +9,16 @@ from typing import get_args
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text, update
 
-from api.schemas import BatchPredictionPublic, DatasetPublic, JobPublic, WebhookEventType
+from api.schemas import BatchPredictionPublic, DatasetPublic, JobPublic
 from api.services import jobs as job_service
 from shared import batchstate
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobstate import JobStatus, transition
 from shared.orm import BatchPrediction, Dataset, Job, JobEpoch, Webhook, WebhookDelivery, WebhookEvent, new_id
-from shared.webhooks import EVENT_TYPES, batch_body, dataset_body, job_body
+from shared.webhooks import EVENT_TYPES, WebhookEventType, batch_body, dataset_body, job_body
 from tests.helpers import job_row, project_row, ready_dataset, run_in_threads
 from tests.processes import wait_for
 from tests.webhook_receiver import receiving, verify
@@ -90,7 +90,7 @@ def test_events_default_to_all_and_can_be_chosen(make_app: Callable[..., TestCli
     ({"url": "https://example.com/h", "verify": False}, "validation_error"),
     ({"url": "https://example.com/h", "project": "nope"}, "project_not_found"),
 ], ids=lambda v: v if isinstance(v, str) else json.dumps(v)[:60])
-def test_bad_webhook_requests_are_refused_and_create_nothing(make_app, body, code):  # type: ignore[no-untyped-def]
+def test_bad_webhook_requests_are_refused_and_create_nothing(make_app, body, code):
     with make_app() as client:
         answer = client.post("/v1/webhooks", json={"secret": SECRET, **body})
         assert (answer.status_code, answer.json()["code"]) == (404 if code == "project_not_found" else 422, code)
@@ -125,13 +125,13 @@ def test_event_data_is_the_public_body_the_api_answers_with(make_app: Callable[.
         job_id = job_row(ready_dataset())
         with session_scope() as session:
             session.add(JobEpoch(job_id=job_id, epoch=1, metrics={"epoch": 1, "val_accuracy": 0.5}))
-            session.execute(Job.__table__.update().where(Job.id == job_id).values(progress={"epoch": 1, "x": 2}))
+            session.execute(update(Job).where(Job.id == job_id).values(progress={"epoch": 1, "x": 2}))
         with session_scope() as session:
-            job = session.get(Job, job_id)
+            job = session.get_one(Job, job_id)
             history = job_service.history(session=session, job_id=job_id)
             api_job = JobPublic.from_row(job, history).model_dump(mode="json")
             assert _json(job_body(session, job_id)) == api_job
-            dataset = session.get(Dataset, job.dataset_id)
+            dataset = session.get_one(Dataset, job.dataset_id)
             assert _json(dataset_body(session, dataset.id)) == DatasetPublic.model_validate(dataset).model_dump(
                 mode="json")
         assert client.get(f"/v1/jobs/{job_id}").json() == api_job
@@ -305,7 +305,7 @@ def test_a_sender_that_died_holding_a_delivery_loses_it_when_its_lease_expires(m
         assert dead is not None
         assert deliver_due(settings=settings) == 0  # held: nobody else sends it meanwhile
         with session_scope() as session:
-            session.execute(WebhookDelivery.__table__.update().values(lease_until=func.now() - text("interval '1 s'")))
+            session.execute(update(WebhookDelivery).values(lease_until=func.now() - text("interval '1 s'")))
         assert deliver_due(settings=settings) == 1
         # The dead sender's late answer (its process was only frozen) cannot undo the recorded delivery.
         assert finish(claimed=dead, status_code=500, error="late", settings=settings) is None
@@ -321,9 +321,9 @@ def test_old_events_go_once_none_of_their_deliveries_is_pending(make_app: Callab
         with session_scope() as session:
             events = dict(session.execute(select(WebhookEvent.resource_id, WebhookEvent.id)).all())
             for job_id in (old_done, old_pending):
-                session.execute(WebhookEvent.__table__.update().where(WebhookEvent.id == events[job_id])
+                session.execute(update(WebhookEvent).where(WebhookEvent.id == events[job_id])
                                 .values(created_at=func.now() - text("interval '2 days'")))
-            session.execute(WebhookDelivery.__table__.update().where(WebhookDelivery.event_id.in_(
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.event_id.in_(
                 [events[old_done], events[recent_done]])).values(status="delivered"))
         assert prune(settings=get_settings()) == 1
         assert {d["event_id"] for d in deliveries(client, created["id"])} == {events[old_pending], events[recent_done]}
@@ -338,7 +338,7 @@ def test_deleting_a_hook_drops_its_pending_deliveries(make_app: Callable[..., Te
         assert receiver.requests == []
 
 
-def test_delivery_works_on_the_embedded_sqlite_backend(env_for):  # type: ignore[no-untyped-def]
+def test_delivery_works_on_the_embedded_sqlite_backend(env_for):
     from shared.migrate import upgrade
 
     env_for(TUNESERVE_WEBHOOK_ALLOW_PRIVATE="true")
@@ -370,8 +370,8 @@ def test_deleting_a_project_takes_its_hooks_and_their_log(make_app: Callable[...
         created = hook(client, "https://example.com/h", project="other")
         cancel_queued_job("other")
         with session_scope() as session:
-            session.execute(Job.__table__.delete())  # the project must hold nothing else to be deleted
-            session.execute(Dataset.__table__.delete())
+            session.execute(delete(Job))  # the project must hold nothing else to be deleted
+            session.execute(delete(Dataset))
         assert client.delete("/v1/projects/other").status_code == 204
         assert client.get(f"/v1/webhooks/{created['id']}").status_code == 404
         with session_scope() as session:

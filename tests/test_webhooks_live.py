@@ -21,11 +21,11 @@ LIVE = {"TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_BACKOFF_SE
 
 
 @pytest.fixture
-def service(migrated, start_service) -> Service:  # type: ignore[no-untyped-def]
+def service(migrated, start_service) -> Service:
     return start_service({**migrated, **LIVE})
 
 
-def upload(client: httpx.Client, tmp_path, name: str, classes: list[str]) -> str:  # type: ignore[no-untyped-def]
+def upload(client: httpx.Client, tmp_path, name: str, classes: list[str]) -> str:
     archive = make_zip(tmp_path / f"{name}.zip", classes=classes, per_class=8, size=32)
     answer = client.post("/v1/datasets", files={"file": (f"{name}.zip", archive.read_bytes(), "application/zip")})
     assert answer.status_code == 202, answer.text
