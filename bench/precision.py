@@ -1,6 +1,8 @@
 """fp32 vs bf16 autocast on CPU for short from-scratch runs: accuracy and speed, seed by seed.
 
-This is why ``mixed_precision: auto`` stays fp32 on CPU. Not a test; prints a table.
+Synthetic colours at 48 px, batch 16: where bf16 lost accuracy before EMA and BatchNorm recalibration were
+defaults. ``mixed_precision: auto`` was decided on real data (bench/quality.py, defaults vs defaults+fp32). Not a
+test; prints a table.
     .venv/bin/python bench/precision.py [--seeds 0,1,2,3] [--epochs 4]
 """
 

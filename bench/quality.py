@@ -52,9 +52,9 @@ USER = {
 }
 
 # Before issue 13's work: batch 32, random-resized-crop + flip, 15% + 15% held out, no EMA, BN as trained,
-# one pass over the data per epoch.
+# one pass over the data per epoch, fp32 on CPU.
 TODAY = {"batch_size": 32, "augment": "basic", "val_fraction": 0.15, "test_fraction": 0.15, "ema": "off",
-         "recalibrate_bn": "off", "learning_rate": 1e-3, "min_steps_per_epoch": 1}
+         "recalibrate_bn": "off", "learning_rate": 1e-3, "min_steps_per_epoch": 1, "mixed_precision": "off"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "today": TODAY,
     "defaults": {},
@@ -68,6 +68,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "defaults-norecal": {"recalibrate_bn": "off"},
     "defaults+basic": {"augment": "basic"},
     "defaults+bf16": {"mixed_precision": "bf16"},
+    "defaults+fp32": {"mixed_precision": "off"},
+    "defaults+b32": {"batch_size": 32},
+    # What training on train+val after model selection could gain at most: one image per class held out.
+    "defaults+val1": {"val_fraction": 0.01, "test_fraction": 0.01},
     "today+bf16": {**TODAY, "mixed_precision": "bf16"},
     "classic": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 32, "lr_schedule": "constant",
                 "augment": "none", "backbone_lr_factor": 1.0, "weight_decay": 0, "label_smoothing": 0,

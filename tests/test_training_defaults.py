@@ -10,7 +10,7 @@ from torch import nn
 
 from shared.hyperparameters import Hyperparameters
 from tests.training_helpers import TINY, Recorder, write_cache
-from worker.training.auto import auto_batch_size, resolve
+from worker.training.auto import auto_batch_size, cpu_has_native_bf16, resolve
 from worker.training.averaging import WeightEma, ema_decay, recalibrate_bn, recalibration_indices
 from worker.training.data import TEST, TRAIN, VAL, held_out_fraction, load_cache, make_splits
 from worker.training.engine import CHECKPOINT, fit
@@ -35,8 +35,23 @@ def test_resolve_fills_only_what_the_user_left_auto() -> None:
     assert pretrained.learning_rate == pytest.approx(1e-3 * 2 ** 0.5)
     sgd = resolve(Hyperparameters(optimizer="sgd"), train_count=100_000, device=CUDA)
     assert sgd.learning_rate == pytest.approx(0.1)  # linear scaling, 0.1 at batch 256
-    pinned = Hyperparameters(batch_size=16, learning_rate=0.05, augment="strong", ema="off", recalibrate_bn="off")
+    pinned = Hyperparameters(batch_size=16, learning_rate=0.05, augment="strong", ema="off", recalibrate_bn="off",
+                             mixed_precision="off")
     assert resolve(pinned, train_count=2800, device=CPU) == pinned
+
+
+def cpuinfo_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="the CPU's flags are read from Linux's /proc/cpuinfo")
+def test_auto_precision_is_bf16_exactly_on_cpus_with_bf16_in_hardware() -> None:
+    native = bool(cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+    assert cpu_has_native_bf16() is native
+    resolved = resolve(Hyperparameters(weights="none"), train_count=400, device=CPU)
+    assert resolved.mixed_precision == ("bf16" if native else "off")  # what the job records is what it ran
+    assert resolve(Hyperparameters(mixed_precision="off"), train_count=400, device=CPU).mixed_precision == "off"
 
 
 def test_small_classes_keep_most_images_for_training() -> None:

@@ -19,6 +19,7 @@ from shared.hyperparameters import Hyperparameters
 from shared.modeling import build_model
 from shared.modeling.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.training_helpers import TINY, Recorder, write_cache
+from worker.training.auto import cpu_has_native_bf16
 from worker.training.data import TEST, TRAIN, VAL, CachedDataset, load_cache, stored_splits
 from worker.training.engine import FitResult, evaluate, fit, image_preparer
 from worker.training.optim import amp_dtype, build_optimizer, class_weights
@@ -255,7 +256,8 @@ def test_head_is_exactly_the_documented_layers(base_model, features, head, dropo
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [
     ("off", CPU, None), ("bf16", CPU, torch.bfloat16), ("fp16", CPU, torch.bfloat16),  # CPU autocast has no fp16
-    ("auto", CPU, None),  # CPU users opt in to bf16
+    # auto: bf16 where the CPU has it in hardware (AVX512-BF16 or AMX), else fp32
+    ("auto", CPU, torch.bfloat16 if cpu_has_native_bf16() else None),
     ("off", CUDA, None), ("bf16", CUDA, torch.bfloat16), ("fp16", CUDA, torch.float16),  # none of these asks CUDA
 ])
 def test_autocast_dtype_for_each_setting_and_device(setting, device, expected):
@@ -269,7 +271,8 @@ def test_auto_on_cuda_is_bf16_from_ampere_on_and_fp16_before():
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
-    ("off", torch.float32), ("auto", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.bfloat16)])
+    ("off", torch.float32), ("auto", torch.bfloat16 if cpu_has_native_bf16() else torch.float32),
+    ("bf16", torch.bfloat16), ("fp16", torch.bfloat16)])
 def test_training_forward_runs_in_the_chosen_precision(tiny, tmp_path, setting, expected):
     seen = observed_fit(tiny, tmp_path, mixed_precision=setting, augment="none")
     assert seen.conv_dtypes == {expected}
