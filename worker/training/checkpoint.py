@@ -50,7 +50,10 @@ class CheckpointWriter:
     for the write in flight (a half-written temporary is never renamed) but runs no ``then``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, may_write: Callable[[], bool] | None = None) -> None:
+        # Asked on the writer thread just before a batch of files is written (after the wait for the one before):
+        # False skips the batch, as a worker that lost its job must write nothing.
+        self._may_write = may_write
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._then: Callable[[], None] | None = None
@@ -96,6 +99,8 @@ class CheckpointWriter:
             self._thread = None
 
     def _write(self, files: list[tuple[Path, dict[str, Any]]]) -> None:
+        if self._may_write is not None and not self._may_write():
+            return
         try:
             for path, state in files:
                 save_checkpoint(path, state)

@@ -188,10 +188,11 @@ def _loss(probs: np.ndarray, labels: np.ndarray) -> float:
 def fit(
     *, hp: Hyperparameters, data: CachedDataset, splits: np.ndarray, device: torch.device, work_dir: Path,
     weights_dir: Path | None, reporter: Reporter, compile_model: bool = False, features_dir: Path | None = None,
+    may_write: Callable[[], bool] | None = None,
 ) -> FitResult:
     """``_fit`` with its checkpoint writer, which is joined however training ends (a failed job's files are
-    removed after this returns: no write may land after that)."""
-    with CheckpointWriter() as writer:
+    removed after this returns: no write may land after that). ``may_write``: see CheckpointWriter."""
+    with CheckpointWriter(may_write) as writer:
         return _fit(hp=hp, data=data, splits=splits, device=device, work_dir=work_dir, weights_dir=weights_dir,
                     reporter=reporter, compile_model=compile_model, features_dir=features_dir, writer=writer)
 

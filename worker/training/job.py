@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, redac
 from worker.reliability import SHUTDOWN
 from worker.training.auto import resolve
 from worker.training.data import CachedDataset, load_cache, stored_splits
-from worker.training.engine import FitResult, fit
+from worker.training.engine import CHECKPOINT, FitResult, fit
 from worker.training.launch import NotEnoughGpus, fit_distributed, process_count
 from worker.training.misclassified import write_thumbnails
 from worker.training.optim import compile_pays_off, resolve_device
@@ -41,6 +42,7 @@ class JobReporter:
         self._cancel = threading.Event()
         self.lost = threading.Event()  # the reaper gave this job to another worker
         self._stop = threading.Event()
+        self._renewed = time.monotonic()  # when this worker last confirmed its lease (claim() just set it)
         self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> "JobReporter":
@@ -60,6 +62,7 @@ class JobReporter:
 
     def _touch(self, **values: Any) -> None:
         """Renew the lease, writing ``values``, only while this worker holds it; notice cancels and loss."""
+        asked = time.monotonic()
         with session_scope() as session:
             owned = changed(session, update(Job).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
                             .values(heartbeat_at=utcnow(), **values)) == 1
@@ -67,8 +70,18 @@ class JobReporter:
         if not owned:
             log.warning("job %s is no longer leased to %s (now %s); stopping", self.job_id, WORKER_ID, status)
             self.lost.set()
-        elif status == JobStatus.cancelling:
+            return
+        self._renewed = asked
+        if status == JobStatus.cancelling:
             self._cancel.set()
+
+    def holds_lease(self) -> bool:
+        """False once the job was seen to be another's, or once the lease may have run out unrenewed: a worker
+        paused past its lease (a zombie: SIGSTOP, swap, a VM freeze) knows it without asking the database,
+        from its first instruction after waking, before its next beat. Until a beat renews it, nothing it
+        writes is safe: the reaper may have given the job to another worker, which resumes from the same
+        checkpoint files, or ended it."""
+        return not self.lost.is_set() and time.monotonic() - self._renewed < self.settings.lease_timeout_seconds
 
     def beat(self) -> None:
         self._touch()
@@ -77,18 +90,35 @@ class JobReporter:
         self._touch(progress=progress, updated_at=utcnow())
 
     def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
-        if self.lost.is_set():
-            return
+        if self._record(epoch, metrics):
+            log.info("job %s finished epoch %d on %s", self.job_id, epoch, WORKER_ID)
+
+    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Record the epoch this run resumes after. Its report waits for the next training step, so a worker
+        killed in between left it only in the checkpoint: without this the history would skip it for good."""
+        if self._record(epoch, metrics):
+            log.info("job %s resumes after epoch %d on %s", self.job_id, epoch, WORKER_ID)
+
+    def _record(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Insert the epoch's row while this worker holds the lease; False (nothing written) once it lost it."""
         values = {"job_id": self.job_id, "epoch": epoch, "metrics": metrics, "created_at": utcnow()}
         insert = pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert
         with session_scope() as session:
+            # Checked in the database, under the row's lock, not by ``lost``: a worker paused past its lease (a
+            # zombie: SIGSTOP, swap, a VM freeze) resumes with ``lost`` unset until its next beat, and would
+            # otherwise record epochs of a job that another worker now runs or that has already ended.
+            held = session.scalar(select(Job.id).where(Job.id == self.job_id, Job.worker_id == WORKER_ID)
+                                  .with_for_update())
+            if held is None:
+                self.lost.set()
+                return False
             # A resumed job may re-finish an epoch whose row already landed; keep the first.
             session.execute(insert(JobEpoch).values(**values).on_conflict_do_nothing(
                 index_elements=["job_id", "epoch"]))
-        log.info("job %s finished epoch %d on %s", self.job_id, epoch, WORKER_ID)
+        return True
 
     def stop_requested(self) -> bool:
-        return self._cancel.is_set() or self.lost.is_set() or SHUTDOWN.is_set()
+        return self._cancel.is_set() or not self.holds_lease() or SHUTDOWN.is_set()
 
 
 def claim(*, job_id: str) -> Job | None:
@@ -143,6 +173,10 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
     data = load_cache(dataset_cache(settings, job.dataset_id))
     work = job_dir(settings, job.id)
     work.mkdir(parents=True, exist_ok=True)
+    if (work / CHECKPOINT).is_file():
+        # mmap: only the history is read, not the weights and optimizer state the training loop loads again.
+        saved = torch.load(work / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+        reporter.resumed_after(saved["epoch"], saved["history"][-1])
     result = _fit(job=job, hp=hp, data=data, settings=settings, reporter=reporter)
     if result.stopped == "cancelled":
         _hand_back(job=job, reporter=reporter, settings=settings)
@@ -168,7 +202,7 @@ def _fit(*, job: Job, hp: Hyperparameters, data: CachedDataset, settings: Settin
                                weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
     return fit(hp=hp, data=data, splits=splits, device=device, work_dir=work, weights_dir=settings.weights_path,
                reporter=reporter, compile_model=compile_model,
-               features_dir=dataset_dir(settings, job.dataset_id) / "features")
+               features_dir=dataset_dir(settings, job.dataset_id) / "features", may_write=reporter.holds_lease)
 
 
 def _hand_back(*, job: Job, reporter: JobReporter, settings: Settings) -> None:
