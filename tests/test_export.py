@@ -53,6 +53,7 @@ def randomise_batchnorm(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, nn.BatchNorm2d):
+                assert layer.running_mean is not None and layer.running_var is not None  # track_running_stats
                 channels = layer.num_features
                 layer.running_mean.copy_(torch.randn(channels, generator=generator) * 0.2)
                 layer.running_var.copy_(torch.rand(channels, generator=generator) * 1.5 + 0.5)
@@ -74,7 +75,7 @@ def write_random_artifact(model_id: str) -> Path:
 
 
 @pytest.fixture
-def saved(env_for) -> Path:  # type: ignore[no-untyped-def]
+def saved(env_for) -> Path:
     env_for()
     return write_random_artifact(new_id())
 
@@ -145,7 +146,7 @@ def test_torchscript_matches_pytorch_on_torchvision_inputs_for_any_batch_size(sa
 
 
 @pytest.fixture
-def api(migrated) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def api(migrated) -> Iterator[TestClient]:
     from api.main import create_app
 
     with TestClient(create_app()) as client:

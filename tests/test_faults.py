@@ -34,7 +34,7 @@ RESUME_LOG = re.compile(r"job (\S+) resumes after epoch (\d+) on ")
 ZOMBIE_DONE = re.compile(r"Task tuneserve\.train\[\S+\] succeeded in ")
 
 
-def ready_dataset(service: Service, tmp_path) -> str:  # type: ignore[no-untyped-def]
+def ready_dataset(service: Service, tmp_path) -> str:
     """Small: an epoch is one training step on a few images."""
     archive = make_zip(tmp_path / "d.zip", classes=["red", "green", "blue"], per_class=12, size=32)
     with service.client() as client:
@@ -126,7 +126,7 @@ CANCELLED_BY_ITS_WORKER = [("state", "running", "cancelling"), ("state", "cancel
 
 
 @pytest.fixture
-def service(migrated, start_service):  # type: ignore[no-untyped-def]
+def service(migrated, start_service):
     env = {**migrated, **FAST_RECOVERY}
     return start_service(env)
 

@@ -59,7 +59,7 @@ def colour_blind_zip(path: Path, per_class: int = 12) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teams(pg_url, redis_url, tmp_path_factory) -> Iterator[Teams]:  # type: ignore[no-untyped-def]
+def teams(pg_url, redis_url, tmp_path_factory) -> Iterator[Teams]:
     tmp = tmp_path_factory.mktemp("artifacts")
     with serve(tmp / "data", pg_url, redis_url, TUNESERVE_API_KEYS=ADMIN) as service, \
             service.client(headers=bearer(ADMIN)) as admin:

@@ -106,8 +106,10 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def expected_groups(optimizer: str, *, head_lr: float, backbone_lr: float, weight_decay: float
                     ) -> dict[str, dict[str, Any]]:
     """Per group: the lr and weight decay asked for (none on norms and biases), and each class's own settings."""
-    own: dict[str, Any] = {"sgd": {"momentum": 0.9, "nesterov": True}, "adam": {"decoupled_weight_decay": False},
-                           "adamw": {"decoupled_weight_decay": True}}[optimizer]
+    settings: dict[str, dict[str, Any]] = {"sgd": {"momentum": 0.9, "nesterov": True},
+                                           "adam": {"decoupled_weight_decay": False},
+                                           "adamw": {"decoupled_weight_decay": True}}
+    own = settings[optimizer]
     return {"head": {"lr": head_lr, "weight_decay": weight_decay, **own},
             "head_no_decay": {"lr": head_lr, "weight_decay": 0.0, **own},
             "backbone": {"lr": backbone_lr, "weight_decay": weight_decay, **own},
