@@ -91,6 +91,9 @@ def test_the_ui_uploads_trains_watches_and_predicts(migrated, start_service, bro
         shown_model = client.get(f"/v1/models/{page.url.rsplit('/', 1)[1]}").json()
     assert page.inner_text("#temperature") == f"{shown_model['temperature']:.2f}"
     assert page.inner_text("#ece-after") == f"{shown_model['metrics']['calibration']['ece_after']:.3f}"
+    # 12 images per class hold out one each for test: far too few for the accuracy to mean much, and the page says so.
+    assert shown_model["metrics"]["test"]["samples"] == len(CLASSES)
+    assert page.inner_text("#test-warning") == shown_model["metrics"]["test"]["warning"]
     page.fill("#min-score", "0")  # abstain stays off, so the prediction below keeps its label
     page.click("#save-min-score")
     page.wait_for_selector("#toast:text('abstains under 0')")
