@@ -15,8 +15,10 @@ from shared.storage import write_json
 from tests.synthetic import make_image
 
 # One pass per epoch (no minimum step count): tests using it are about mechanics, not quality.
+# fp32: what these runs compute must not depend on whether the CPU has bf16 (mixed_precision auto); the tests of
+# precision itself set it.
 TINY: dict[str, Any] = {"base_model": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "epochs": 1,
-                        "val_fraction": 0.2, "test_fraction": 0.2, "min_steps_per_epoch": 1}
+                        "val_fraction": 0.2, "test_fraction": 0.2, "min_steps_per_epoch": 1, "mixed_precision": "off"}
 
 
 def write_cache(cache_dir: Path, *, classes: list[str], per_class: int, side: int = 40, seed: int = 0,
