@@ -67,6 +67,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "defaults-noema": {"ema": "off"},
     "defaults-norecal": {"recalibrate_bn": "off"},
     "defaults+basic": {"augment": "basic"},
+    "defaults+flip": {"augment": "flip"},
     "defaults+bf16": {"mixed_precision": "bf16"},
     "defaults+fp32": {"mixed_precision": "off"},
     "defaults+b32": {"batch_size": 32},
