@@ -104,6 +104,9 @@ class Hyperparameters(BaseModel):
     ema: Literal["auto", "on", "off"] = "auto"
     # Re-estimate BatchNorm running statistics on training images before each evaluation.
     recalibrate_bn: Literal["auto", "on", "off"] = "auto"
+    # on: after the run picks its best epoch on validation, train again from the start on train + validation
+    # images for that many epochs and publish that model (about twice the time; worker/training/refit.py).
+    refit: Literal["on", "off"] = "off"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_minutes: float | None = Field(None, gt=0, le=60 * 24 * 14)
     # DistributedDataParallel over this many GPUs of the worker's host. batch_size is per GPU: one step
@@ -129,6 +132,17 @@ class Hyperparameters(BaseModel):
         if isinstance(value, int) and not 1 <= value <= 64:
             raise ValueError("must be between 1 and 64, or 'all'")
         return value
+
+    @model_validator(mode="after")
+    def _refit(self) -> "Hyperparameters":
+        if self.refit == "on" and self.max_minutes is not None:
+            raise ValueError("refit: a time budget cannot be split between the run and its refit; drop max_minutes "
+                             "or refit")
+        if self.refit == "on" and self.gpus != 1:
+            raise ValueError("refit: runs on one GPU; set gpus to 1 or refit to off")
+        if self.refit == "on" and self.val_fraction == 0:
+            raise ValueError("refit: needs validation images to pick the epoch count; set val_fraction above 0")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> "Hyperparameters":

@@ -299,7 +299,8 @@ def _fit(
         }
         history.append(metrics)
         files: list[tuple[Path, dict[str, Any]]] = []
-        improved = val_accuracy > best["val_accuracy"] or (
+        # Without validation images (a refit) there is nothing to select on: the last epoch is the model.
+        improved = not len(val_idx) or val_accuracy > best["val_accuracy"] or (
             val_accuracy == best["val_accuracy"] and val_loss < best["val_loss"])
         if improved:
             best = {"epoch": epoch, "val_accuracy": val_accuracy, "val_loss": val_loss}

@@ -27,6 +27,7 @@ from worker.training.engine import CHECKPOINT, FitResult, fit
 from worker.training.launch import NotEnoughGpus, fit_distributed, process_count
 from worker.training.misclassified import write_thumbnails
 from worker.training.optim import compile_pays_off, resolve_device
+from worker.training.refit import fit_with_refit
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +201,10 @@ def _fit(*, job: Job, hp: Hyperparameters, data: CachedDataset, settings: Settin
         return fit_distributed(world=world, hp=hp, cache_dir=dataset_cache(settings, job.dataset_id),
                                classes=data.classes, splits=splits, device=device, work_dir=work,
                                weights_dir=settings.weights_path, reporter=reporter, compile_model=compile_model)
-    return fit(hp=hp, data=data, splits=splits, device=device, work_dir=work, weights_dir=settings.weights_path,
-               reporter=reporter, compile_model=compile_model,
-               features_dir=dataset_dir(settings, job.dataset_id) / "features", may_write=reporter.holds_lease)
+    train = fit_with_refit if hp.refit == "on" else fit
+    return train(hp=hp, data=data, splits=splits, device=device, work_dir=work, weights_dir=settings.weights_path,
+                 reporter=reporter, compile_model=compile_model,
+                 features_dir=dataset_dir(settings, job.dataset_id) / "features", may_write=reporter.holds_lease)
 
 
 def _hand_back(*, job: Job, reporter: JobReporter, settings: Settings) -> None:
