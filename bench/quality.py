@@ -40,6 +40,7 @@ from tests.synthetic import jpeg_bytes, make_heldout, make_image  # noqa: E402
 from worker.images import decode_image  # noqa: E402
 from worker.training.data import CachedDataset, make_splits  # noqa: E402
 from worker.training.engine import evaluate, fit, image_preparer  # noqa: E402
+from worker.training.refit import fit_with_refit  # noqa: E402
 
 CACHE_SIDE = 256  # Settings.cache_size: what ingestion decodes every upload to
 HELDOUT = 3  # a split code fit() never reads: these images are scored after training, by us
@@ -73,6 +74,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "defaults+b32": {"batch_size": 32},
     # What training on train+val after model selection could gain at most: one image per class held out.
     "defaults+val1": {"val_fraction": 0.01, "test_fraction": 0.01},
+    "defaults+refit": {"refit": "on"},
     "today+bf16": {**TODAY, "mixed_precision": "bf16"},
     "classic": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 32, "lr_schedule": "constant",
                 "augment": "none", "backbone_lr_factor": 1.0, "weight_decay": 0, "label_smoothing": 0,
@@ -166,8 +168,9 @@ def run(data: Data, user: dict[str, Any], setting: str, seed: int, weights_dir: 
     dataset = CachedDataset(images=data.images, labels=data.labels, preset_splits=np.full(len(data.labels), -1),
                             classes=data.classes)
     with tempfile.TemporaryDirectory() as work:
-        result = fit(hp=hp, data=dataset, splits=splits, device=torch.device("cpu"), work_dir=Path(work),
-                     weights_dir=weights_dir, reporter=Quiet())
+        train = fit_with_refit if hp.refit == "on" else fit
+        result = train(hp=hp, data=dataset, splits=splits, device=torch.device("cpu"), work_dir=Path(work),
+                       weights_dir=weights_dir, reporter=Quiet())
     probs, labels = evaluate(model=result.model, data=dataset, indices=np.flatnonzero(data.heldout),
                              hp=result.hp, device=torch.device("cpu"), dtype=None, prepare=image_preparer(result.hp))
     rates = [h["images_per_second"] for h in result.history]
