@@ -13,9 +13,9 @@ from sqlalchemy import select
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.hyperparameters import Hyperparameters
-from shared.orm import Dataset, JobEpoch
-from shared.storage import dataset_cache, job_dir, model_dir, read_json
-from tests.training_helpers import TINY, Recorder, load, queue, write_cache
+from shared.orm import JobEpoch
+from shared.storage import job_dir, model_dir, read_json
+from tests.training_helpers import TINY, Recorder, load, queue, ready_dataset_row, write_cache
 from worker.training.data import TEST, TRAIN, VAL, CachedDataset, load_cache, stored_splits
 from worker.training.job import run_training_job
 from worker.training.refit import SELECTION, fit_with_refit, refit_splits
@@ -100,12 +100,7 @@ def test_refit_refuses_what_it_cannot_honour(body: dict[str, Any], says: str) ->
 
 
 def test_a_refit_job_records_both_phases_and_publishes_the_refit_model(migrated) -> None:
-    with session_scope() as session:
-        dataset = Dataset(name="colours", status="ready", filename="colours.zip", classes=["red", "green", "blue"])
-        session.add(dataset)
-        session.flush()
-        dataset_id = dataset.id
-    write_cache(dataset_cache(get_settings(), dataset_id), classes=["red", "green", "blue"], per_class=20)
+    dataset_id = ready_dataset_row(classes=["red", "green", "blue"], per_class=20)
     job_id = queue(dataset_id, epochs=2, refit="on")
     run_training_job(job_id)
     job = load(job_id)

@@ -7,21 +7,15 @@ from sqlalchemy import select
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.orm import Dataset, JobEpoch, Model
-from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, read_json
-from tests.training_helpers import load, queue, write_cache
+from shared.orm import JobEpoch, Model
+from shared.storage import dataset_dir, job_dir, model_dir, read_json
+from tests.training_helpers import load, queue, ready_dataset_row
 from worker.training.job import run_training_job
 
 
 @pytest.fixture
 def dataset_id(migrated) -> str:
-    with session_scope() as session:
-        dataset = Dataset(name="colours", status="ready", filename="colours.zip", classes=["red", "green", "blue"])
-        session.add(dataset)
-        session.flush()
-        dataset_id = dataset.id
-    write_cache(dataset_cache(get_settings(), dataset_id), classes=["red", "green", "blue"], per_class=10)
-    return dataset_id
+    return ready_dataset_row(classes=["red", "green", "blue"], per_class=10)
 
 
 def test_job_records_each_epoch_the_test_metrics_and_the_model(dataset_id):

@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobstate import JobStatus
 from shared.modeling.transforms import center_square
-from shared.orm import Job
-from shared.storage import write_json
+from shared.orm import Dataset, Job
+from shared.storage import dataset_cache, write_json
 from tests.synthetic import make_image
 
 # One pass per epoch (no minimum step count): tests using it are about mechanics, not quality.
@@ -54,6 +55,17 @@ class Recorder:
 
     def stop_requested(self) -> bool:
         return self.stop_after_epochs is not None and len(self.epochs) >= self.stop_after_epochs
+
+
+def ready_dataset_row(*, classes: list[str], per_class: int) -> str:
+    """A ready dataset's row and its decoded cache, as ingestion leaves them, without an upload."""
+    with session_scope() as session:
+        dataset = Dataset(name="colours", status="ready", filename="colours.zip", classes=classes)
+        session.add(dataset)
+        session.flush()
+        dataset_id = dataset.id
+    write_cache(dataset_cache(get_settings(), dataset_id), classes=classes, per_class=per_class)
+    return dataset_id
 
 
 def queue(dataset_id: str, **hyperparameters: Any) -> str:
