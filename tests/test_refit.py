@@ -54,6 +54,8 @@ def test_refit_trains_the_chosen_epochs_on_train_and_validation_and_publishes_th
     assert [row["epoch"] for row in result.history] == [1, 2, 3, *range(4, 4 + best)]
     assert recorder.epochs == [row["epoch"] for row in result.history]  # each reported once, numbered on
     assert [row.get("phase") for row in result.history] == [None] * 3 + ["refit"] * best
+    assert all(row["val_accuracy"] is not None for row in selection)
+    assert all(row["val_accuracy"] is None and row["val_loss"] is None for row in second)  # none left to score
     # Full batches of 8, one pass (TINY): the refit's epochs see the validation images too.
     assert {row["train_images"] for row in selection} == {train // 8 * 8}
     assert {row["train_images"] for row in second} == {(train + val) // 8 * 8}

@@ -46,7 +46,9 @@ class _Continued:
         return self.reporter.stop_requested()
 
     def row(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {**metrics, "epoch": metrics["epoch"] + self.offset, "phase": "refit"}
+        # No validation images are left: the engine's stand-in (training figures) would chart as validation.
+        return {**metrics, "epoch": metrics["epoch"] + self.offset, "phase": "refit", "val_loss": None,
+                "val_accuracy": None}
 
 
 def refit_splits(splits: np.ndarray) -> np.ndarray:
