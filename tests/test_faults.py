@@ -145,6 +145,14 @@ def test_kill_9_mid_training_resumes_on_a_new_worker_after_its_last_checkpoint(s
     # Its report waits for the next step, so the newest checkpoint may be one epoch past the history.
     saved = checkpointed_epoch(service, job_id)
     assert saved in (recorded, recorded + 1)
+    second_worker = resumed_after_then_cancelled(service, job_id, saved)
+    assert not checkpoint_dir(service, job_id).exists()
+    assert second_worker.poll() is None
+
+
+def resumed_after_then_cancelled(service: Service, job_id: str, saved: int) -> subprocess.Popen[bytes]:
+    """A second worker resumes the job right after epoch ``saved`` (its log says so once), trains on with the
+    history contiguous, and is cancelled: attempts 2, no model, every epoch after ``saved`` logged by it alone."""
     second_worker = service.start_worker("second")
     running = wait_epochs(service, job_id, saved + 2, attempts=2)
     assert epochs_of(running) == list(range(1, len(running["history"]) + 1))
@@ -155,8 +163,7 @@ def test_kill_9_mid_training_resumes_on_a_new_worker_after_its_last_checkpoint(s
     second_log = worker_log(service, second_worker)
     assert logged(RESUME_LOG, second_log, job_id) == [saved]
     assert logged(EPOCH_LOG, second_log, job_id) == list(range(saved + 1, last + 1))
-    assert not checkpoint_dir(service, job_id).exists()
-    assert second_worker.poll() is None
+    return second_worker
 
 
 @pytest.mark.slow
@@ -171,16 +178,7 @@ def test_sigterm_checkpoints_releases_the_job_and_exits_cleanly(service, tmp_pat
     assert (released["status"], released["attempts"]) == ("queued", 1)
     assert epochs_of(released) == list(range(1, recorded + 1))
     assert checkpointed_epoch(service, job_id) == recorded  # a clean stop reports what it saved
-    second_worker = service.start_worker("second")
-    running = wait_epochs(service, job_id, recorded + 2, attempts=2)
-    assert epochs_of(running) == list(range(1, len(running["history"]) + 1))
-    assert cancel_and_watch(service, job_id, second_worker) == CANCELLED_BY_ITS_WORKER
-    final = job(service, job_id)
-    last = len(final["history"])
-    assert (final["attempts"], epochs_of(final)) == (2, list(range(1, last + 1)))
-    second_log = worker_log(service, second_worker)
-    assert logged(RESUME_LOG, second_log, job_id) == [recorded]
-    assert logged(EPOCH_LOG, second_log, job_id) == list(range(recorded + 1, last + 1))
+    resumed_after_then_cancelled(service, job_id, recorded)
 
 
 @pytest.mark.slow
