@@ -134,6 +134,15 @@ class Hyperparameters(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _one_image_batches(self) -> "Hyperparameters":
+        # Training BatchNorm normalises over the batch: one image (ResNet's last stage is 1x1 below 64 px) leaves one
+        # value per channel and the first step fails. A frozen backbone trains only the head, which has none.
+        if self.batch_size == 1 and self.freeze != "backbone":
+            raise ValueError("batch_size: 1 image a step cannot train BatchNorm layers; use 2 or more, or freeze "
+                             "the backbone")
+        return self
+
+    @model_validator(mode="after")
     def _refit(self) -> "Hyperparameters":
         if self.refit == "on" and self.max_minutes is not None:
             raise ValueError("refit: a time budget cannot be split between the run and its refit; drop max_minutes "

@@ -3,10 +3,11 @@ fails inside training ends ``failed``/``training_error`` and the worker goes on 
 job's plots and misclassified thumbnails are served to its team, and to nobody else."""
 
 import io
+import os
 import random
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,11 +25,8 @@ from tests.synthetic import jpeg_bytes, make_image
 ADMIN = "artifacts-admin-key"
 # Held-out splits big enough that the test split has a dozen images to get wrong.
 FINISHED_JOB = {"val_fraction": 0.2, "test_fraction": 0.3}
-# BatchNorm cannot train on one value per channel, and at 32 px ResNet's last stage is 1x1: with batch_size 1 the
-# first training step raises inside fit. The API accepts the request (batch_size >= 1).
-ONE_IMAGE_BATCHES = {"batch_size": 1}
-BATCHNORM_ERROR = ("training failed: ValueError: Expected more than 1 value per channel when training, "
-                   "got input size torch.Size([1, 512, 1, 1])")
+# A dataset's decoded cache cut short on disk (a full disk, a bad copy): the job cannot load it and fails as ours.
+TRUNCATED_CACHE_ERROR = "training failed: ValueError: mmap length is greater than file size"
 
 
 @dataclass
@@ -136,21 +134,40 @@ def colours(image: Image.Image) -> int:
     return len(image.convert("RGB").getcolors(maxcolors=1 << 20) or [])
 
 
+@contextmanager
+def truncated_cache(teams: Teams) -> Iterator[None]:
+    """The dataset's images.npy swapped for a copy cut in half, then back. Swapped by rename, never written in
+    place: a running job's memory map keeps the file it opened."""
+    images = Path(teams.service.env["TUNESERVE_DATA_DIR"]) / "datasets" / teams.dataset_id / "cache" / "images.npy"
+    kept, cut = images.with_name("kept.npy"), images.with_name("cut.npy")
+    content = images.read_bytes()
+    cut.write_bytes(content[:len(content) // 2])
+    os.link(images, kept)
+    os.replace(cut, images)
+    try:
+        yield
+    finally:
+        os.replace(kept, images)
+
+
 def test_training_error_fails_the_job_and_the_worker_takes_the_next(teams):
-    with worker_busy(teams):
-        broken = submit(teams, **ONE_IMAGE_BATCHES)
-        following = submit(teams)
-        events = read_events(teams.service, broken, auth=teams.alpha)
-        _, name, snapshot = next(events)  # connected while the worker is busy: the job is still queued
-        assert (name, snapshot["status"]) == ("snapshot", "queued")
-    rest = list(events)
+    with ExitStack() as restore:
+        with worker_busy(teams):  # started on the whole cache, before it is cut
+            restore.enter_context(truncated_cache(teams))
+            broken = submit(teams)
+            events = read_events(teams.service, broken, auth=teams.alpha)
+            _, name, snapshot = next(events)  # connected while the worker is busy: the job is still queued
+            assert (name, snapshot["status"]) == ("snapshot", "queued")
+        rest = list(events)
+    following = submit(teams)  # on the restored cache
     assert rest[-1][1:] == ("end", {"status": "failed"})
     changes = [(data["previous"], data["status"]) for _, name, data in rest if name == "state"]
     # The stream polls the row twice a second and misses a `running` this short (it usually does here); the row
     # says the job was claimed once (attempts 1, started_at) and never requeued.
     assert changes in ([("queued", "running"), ("running", "failed")], [("queued", "failed")]), changes
     final = job(teams, broken)
-    assert (final["status"], final["error_code"], final["error"]) == ("failed", "training_error", BATCHNORM_ERROR)
+    assert (final["status"], final["error_code"], final["error"]) == ("failed", "training_error",
+                                                                      TRUNCATED_CACHE_ERROR)
     assert (final["attempts"], final["model_id"], final["history"]) == (1, None, [])
     assert final["started_at"] is not None and final["finished_at"] is not None  # claimed (ran), then ended
     assert datetime.fromisoformat(final["started_at"]) <= datetime.fromisoformat(final["finished_at"])

@@ -224,6 +224,16 @@ def test_invalid_hyperparameters_name_the_field(body, field, kind):
     assert [(e["loc"], e["type"]) for e in errors] == [((field,), kind)]
 
 
+def test_one_image_batches_are_refused_unless_only_the_head_trains():
+    with pytest.raises(ValidationError) as caught:
+        Hyperparameters(batch_size=1)
+    assert "batch_size: 1 image a step cannot train BatchNorm layers" in str(caught.value)
+    with pytest.raises(ValidationError):
+        Hyperparameters(batch_size=1, freeze="stages:3")  # layer4's BatchNorm still trains
+    assert Hyperparameters(batch_size=1, freeze="backbone").batch_size == 1
+    assert Hyperparameters(batch_size=2).batch_size == 2
+
+
 def test_classic_recipe_is_one_request_away():
     hp = Hyperparameters(**CLASSIC_RECIPE)
     assert (hp.base_model, hp.weights, hp.head, hp.optimizer, hp.learning_rate, hp.batch_size) == (
