@@ -131,12 +131,19 @@ def service(migrated, start_service):
     return start_service(env)
 
 
-@pytest.mark.slow
-def test_kill_9_mid_training_resumes_on_a_new_worker_after_its_last_checkpoint(service, tmp_path):
+def signalled_after_two_epochs(service: Service, tmp_path: Path, signum: signal.Signals
+                               ) -> tuple[str, subprocess.Popen[bytes]]:
+    """A long job on the service's worker, which gets ``signum`` once two epochs are recorded."""
     job_id = submit(service, ready_dataset(service, tmp_path), LONG_JOB)
     wait_epochs(service, job_id, 2)
-    first_worker = service.processes[1]
-    first_worker.send_signal(signal.SIGKILL)
+    worker: subprocess.Popen[bytes] = service.processes[1]
+    worker.send_signal(signum)
+    return job_id, worker
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_resumes_on_a_new_worker_after_its_last_checkpoint(service, tmp_path):
+    job_id, first_worker = signalled_after_two_epochs(service, tmp_path, signal.SIGKILL)
     first_worker.wait()
     killed = job(service, job_id)
     recorded = len(killed["history"])
@@ -168,10 +175,7 @@ def resumed_after_then_cancelled(service: Service, job_id: str, saved: int) -> s
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_releases_the_job_and_exits_cleanly(service, tmp_path):
-    job_id = submit(service, ready_dataset(service, tmp_path), LONG_JOB)
-    wait_epochs(service, job_id, 2)
-    worker = service.processes[1]
-    worker.send_signal(signal.SIGTERM)
+    job_id, worker = signalled_after_two_epochs(service, tmp_path, signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     released = job(service, job_id)
     recorded = len(released["history"])
@@ -200,10 +204,7 @@ def test_cancelling_a_running_job_stops_it_and_the_worker_takes_the_next(service
 
 @pytest.mark.slow
 def test_a_worker_paused_past_its_lease_writes_nothing_when_it_wakes(service, tmp_path):
-    job_id = submit(service, ready_dataset(service, tmp_path), LONG_JOB)
-    wait_epochs(service, job_id, 2)
-    zombie = service.processes[1]
-    zombie.send_signal(signal.SIGSTOP)
+    job_id, zombie = signalled_after_two_epochs(service, tmp_path, signal.SIGSTOP)
     try:
         paused = len(job(service, job_id)["history"])
         successor = service.start_worker("successor")
