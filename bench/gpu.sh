@@ -20,7 +20,8 @@
 #   train    bench/train.py: ours (bf16, channels_last, batch BATCH, from the uint8 cache: producer thread,
 #            pinned buffers + side-stream copies, device-side augmentation, fused AdamW, background checkpoint
 #            writes), then the naive recipe (PIL per step, fp32, batch 32, NAIVE_WORKERS loader processes), EPOCHS
-#            epochs of IMAGES, then the input path alone (no model: the most the loader can feed);
+#            epochs of IMAGES, then the input path alone (no model: the most the loader can feed) and the
+#            floor (ours' bare model step on one batch already on the GPU: the most training can reach);
 #   infer    bench/infer.py: one forward pass at batch BATCH: ours eager, naive fp32;
 #   predict  bench/predict.py: POST /predict over HTTP at CONCURRENCY, `tuneserve api --workers N` for N in
 #            PREDICT_WORKERS (1,4; batching on): one process vs several batching into the one GPU;
@@ -164,7 +165,7 @@ EOF
 export -f setup
 
 train() {
-  "$PYTHON" bench/train.py --step train --only ours,naive,loader --device "$DEVICE" --base-model "$BASE_MODEL" \
+  "$PYTHON" bench/train.py --step train --only ours,naive,loader,floor --device "$DEVICE" --base-model "$BASE_MODEL" \
     --images "$GPU_BENCH_IMAGES" --jpeg-size "$JPEG_SIZE" --image-size "$IMAGE_SIZE" --batch-size "$BATCH" \
     --epochs "$EPOCHS" --naive-workers "$NAIVE_WORKERS" --data-dir "$DATA_DIR"
 }

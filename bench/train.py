@@ -4,12 +4,15 @@ One generated JPEG dataset (class folders), one stratified split, the same model
   (a) naive: torchvision ImageFolder decoding JPEGs with PIL every step, fp32, NCHW, Adam 1e-4, batch 32,
       ResNet + Dense 1024 head (the classic recipe written the obvious way);
   (b) ours with default hyperparameters, from the decoded uint8 cache (the cache build is timed apart);
-  (c) linear probe (freeze backbone, no augmentation) on cached backbone features, cold and warm cache.
+  (c) linear probe (freeze backbone, no augmentation) on cached backbone features, cold and warm cache;
+  (f) the floor: ours' model, optimizer, precision, memory format and EMA stepping on one batch already in memory.
+      No input path, no loader, no bookkeeping: what this hardware does with this model, and the most (b) can reach.
 Weights are random (this machine is offline); throughput does not depend on them.
 
     python bench/train.py                       # CPU, 600 images, 64 px, 5 epochs (~2-4 min on 2 cores)
     python bench/train.py --device cuda --image-size 224 --batch-size 256 --images 20000
     python bench/train.py --only naive,ours --data-dir /tmp/d   # what bench/gpu.sh times (and --only compiled)
+    python bench/train.py --only naive,ours,floor --epochs 3    # how far ours is from the bare model step
 
 Every row (and every epoch of ours) is printed and recorded as it is measured (bench/gpu_report.py, $GPU_JSON).
 """
@@ -36,8 +39,11 @@ from shared.modeling import build_model, resize_size_for  # noqa: E402
 from shared.storage import write_json  # noqa: E402
 from tests.synthetic import PALETTE, make_image  # noqa: E402
 from worker.images import decode_image  # noqa: E402
+from worker.training.auto import batch_size_of, resolve  # noqa: E402
+from worker.training.averaging import WeightEma, ema_decay  # noqa: E402
 from worker.training.data import TEST, TRAIN, load_cache, make_splits  # noqa: E402
 from worker.training.engine import fit  # noqa: E402
+from worker.training.optim import amp_dtype, build_optimizer  # noqa: E402
 
 
 class Quiet:
@@ -55,6 +61,9 @@ class Quiet:
         if self.step:
             emit(self.step, f"{self.label}, epoch {epoch}", metrics["images_per_second"],
                  seconds=metrics["seconds"])
+
+    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
+        pass  # every bench run starts in a fresh directory
 
     def stop_requested(self) -> bool:
         return False
@@ -155,6 +164,45 @@ def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, fe
             "precision": result.hp.mixed_precision}
 
 
+def floor(train_count: int, args: argparse.Namespace, steps: int = 8) -> dict[str, float]:
+    """The bare training step of the hyperparameters (b) resolves to, on one random batch already on the device:
+    forward, backward, optimizer, EMA. Two warm-up steps, then ``steps`` timed."""
+    device = torch.device(args.device)
+    hp = resolve(Hyperparameters(base_model=args.base_model, weights="none", epochs=args.epochs,
+                                 image_size=args.image_size, batch_size=args.batch_size or "auto"),
+                 train_count=train_count, device=device)
+    batch, dtype = batch_size_of(hp), amp_dtype(hp, device)
+    torch.manual_seed(0)
+    model = build_model(base_model=hp.base_model, num_classes=len(PALETTE), head=hp.head, dropout=hp.dropout)
+    model.to(device).train()
+    images = torch.randn(batch, 3, hp.image_size, hp.image_size, device=device)
+    if hp.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, len(PALETTE), (batch,), device=device)
+    optimizer = build_optimizer(model, hp)
+    ema = WeightEma(model, decay=ema_decay(steps)) if hp.ema == "on" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    started, loss = 0.0, torch.zeros((), device=device)
+    for step in range(steps + 2):
+        if step == 2:
+            loss.item()  # wait for the device before reading the clock
+            started = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update()
+    loss.item()
+    wall = time.perf_counter() - started
+    return {"images_per_second": steps * batch / wall, "wall": wall, "accuracy": float("nan"), "batch": batch,
+            "precision": hp.mixed_precision}
+
+
 def input_pipeline(data: Any, splits: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
     """The input path alone, no model: producer thread (gather into reusable, pinned on CUDA, buffers; copy on a
     side stream), then crop/flip/normalise on the device. What it sustains is the most training could reach."""
@@ -192,7 +240,7 @@ def main() -> None:
                         help="also run ours in fp32 (mixed_precision off), and without channels_last")
     parser.add_argument("--only", default="naive,ours,probe",
                         help="rows to run, of naive, ours, compiled (ours with torch.compile), loader (the input "
-                        "path alone, no model), probe")
+                        "path alone, no model), floor (the bare model step, no input), probe")
     parser.add_argument("--jpeg-size", type=int, help="side of the generated JPEGs (default image size + 1/8)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--data-dir", type=Path, help="keep the generated JPEGs and cache here, and reuse them "
@@ -234,8 +282,10 @@ def main() -> None:
                      accuracy=round(row["accuracy"], 3), **extra)
 
         target = {"target": 5000} if args.device == "cuda" and args.image_size == 224 else {}
-        for run in [run for run in args.only.split(",") if run in ("naive", "ours", "compiled", "loader")]:
-            if run == "naive":
+        for run in [run for run in args.only.split(",") if run in ("naive", "ours", "compiled", "loader", "floor")]:
+            if run == "floor":
+                add("(f) floor: ours' bare step on one batch in memory", floor(int((splits == TRAIN).sum()), args))
+            elif run == "naive":
                 add("(a) naive: PIL per step, fp32, NCHW, Adam 1e-4, b32", naive(files, splits, args))
             elif run == "loader":
                 add("(l) input path alone (producer, device crop/flip)", input_pipeline(data, splits, args))
@@ -262,12 +312,14 @@ def main() -> None:
           f"{args.epochs} epochs, {device}; cache build (once per dataset) {cache_seconds:.1f} s\n")
     naive_row = next((row for name, row in rows if name.startswith("(a)")), rows[0][1])
     full_row = next((row for name, row in rows if name.startswith("(b) ours, defaults")), rows[0][1])
-    print(f"| {'run':<52} | batch, amp | train img/s | vs (a) | wall s | vs (b) wall | test acc |")
-    print(f"|{'-' * 54}|------------|-------------|--------|--------|-------------|----------|")
+    floor_rate = next((row["images_per_second"] for name, row in rows if name.startswith("(f)")), float("nan"))
+    print(f"| {'run':<52} | batch, amp | train img/s | vs (a) | vs (f) | wall s | vs (b) wall | test acc |")
+    print(f"|{'-' * 54}|------------|-------------|--------|--------|--------|-------------|----------|")
     for name, row in rows:
         used = f"{row.get('batch', '')}, {row.get('precision', '')}" if "batch" in row else "-"
         print(f"| {name:<52} | {used:<10} | {row['images_per_second']:11.1f} | "
-              f"{row['images_per_second'] / naive_row['images_per_second']:5.2f}x | {row['wall']:6.1f} | "
+              f"{row['images_per_second'] / naive_row['images_per_second']:5.2f}x | "
+              f"{row['images_per_second'] / floor_rate:5.2f}x | {row['wall']:6.1f} | "
               f"{full_row['wall'] / row['wall']:10.1f}x | {row['accuracy']:8.3f} |")
     if args.json:
         args.json.write_text(json.dumps({
