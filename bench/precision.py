@@ -15,18 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.train import Quiet  # noqa: E402
 from shared.hyperparameters import Hyperparameters  # noqa: E402
 from tests.synthetic import make_zip  # noqa: E402
 from worker.ingest import build_cache  # noqa: E402
 from worker.training.data import load_cache, make_splits  # noqa: E402
 from worker.training.engine import fit  # noqa: E402
-
-
-class Quiet:
-    def progress(self, progress: dict) -> None: ...
-    def epoch_done(self, epoch: int, metrics: dict) -> None: ...
-    def stop_requested(self) -> bool:
-        return False
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality_hand import hand_tuned  # noqa: E402
+from bench.train import Quiet  # noqa: E402
 from shared.hyperparameters import Hyperparameters  # noqa: E402
 from shared.storage import write_json  # noqa: E402
 from tests.synthetic import jpeg_bytes, make_heldout, make_image  # noqa: E402
@@ -143,17 +144,6 @@ def load(name: str, cache_dir: Path) -> Data:
         images = np.stack([decode_image(b, side=CACHE_SIDE, max_pixels=64_000_000, min_side=16) for b in blobs])
         np.save(path, images)
     return Data(images=np.load(path, mmap_mode="r"), labels=labels, classes=classes, heldout=heldout)
-
-
-class Quiet:
-    def progress(self, progress: dict[str, Any]) -> None:
-        pass
-
-    def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
-        pass
-
-    def stop_requested(self) -> bool:
-        return False
 
 
 def run(data: Data, user: dict[str, Any], setting: str, seed: int, weights_dir: Path | None) -> dict[str, Any]:

@@ -83,6 +83,7 @@ def test_a_refit_stopped_midway_resumes_without_training_the_selection_again(tin
     assert read_selection(tmp_path / "cut")["best_epoch"] == best
     resumed = Recorder()
     _, result = refit(tiny, tmp_path / "cut", resumed)
+    assert resumed.resumed == [4]  # the refit's checkpoint, numbered after the selection's 3 epochs
     assert resumed.epochs == list(range(5, 4 + best))  # no selection epoch trained or reported again
     assert [row["epoch"] for row in result.history] == [row["epoch"] for row in uninterrupted.history]
     for mine, theirs in zip(result.history, uninterrupted.history, strict=True):

@@ -164,6 +164,7 @@ def test_resume_continues_after_the_last_saved_epoch_and_matches_an_uninterrupte
     assert torch.load(tmp_path / "resumed" / "job" / CHECKPOINT, weights_only=True)["epoch"] == done[-1]
     again = Recorder()
     resumed = run(tiny, tmp_path / "resumed", reporter=again, epochs=5)
+    assert again.resumed == [done[-1]]  # recorded unless it already is: a killed worker may never have sent it
     assert again.epochs == list(range(done[-1] + 1, 6))
     # Progress resumes at the first epoch after the checkpoint (later epochs may go unreported while a
     # checkpoint is being written: progress is best-effort, epochs are not).

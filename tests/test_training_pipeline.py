@@ -295,6 +295,9 @@ class CheckpointOnReport:
     def epoch_done(self, epoch: int, metrics: dict) -> None:
         self.seen.append((epoch, saved_epoch(self.work / CHECKPOINT)))
 
+    def resumed_after(self, epoch: int, metrics: dict) -> None:
+        pass
+
     def stop_requested(self) -> bool:
         return False
 

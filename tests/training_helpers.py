@@ -45,6 +45,7 @@ class Recorder:
     def __init__(self, stop_after_epochs: int | None = None) -> None:
         self.stop_after_epochs = stop_after_epochs
         self.epochs: list[int] = []
+        self.resumed: list[int] = []
         self.progress_calls: list[dict[str, Any]] = []
 
     def progress(self, progress: dict[str, Any]) -> None:
@@ -52,6 +53,9 @@ class Recorder:
 
     def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
         self.epochs.append(epoch)
+
+    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
+        self.resumed.append(epoch)
 
     def stop_requested(self) -> bool:
         return self.stop_after_epochs is not None and len(self.epochs) >= self.stop_after_epochs

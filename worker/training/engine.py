@@ -256,6 +256,8 @@ def _fit(
             ema.load_state_dict(state["ema"])
         history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
         elapsed_before, start_epoch = state["elapsed"], state["epoch"] + 1
+        if ddp.is_main():
+            reporter.resumed_after(state["epoch"], history[-1])
 
     started = time.monotonic()
     deadline = None if hp.max_minutes is None else started + hp.max_minutes * 60 - elapsed_before

@@ -23,7 +23,7 @@ from shared.storage import dataset_cache, dataset_dir, job_dir, model_dir, redac
 from worker.reliability import SHUTDOWN
 from worker.training.auto import resolve
 from worker.training.data import CachedDataset, load_cache, stored_splits
-from worker.training.engine import CHECKPOINT, FitResult, fit
+from worker.training.engine import FitResult, fit
 from worker.training.launch import NotEnoughGpus, fit_distributed, process_count
 from worker.training.misclassified import write_thumbnails
 from worker.training.optim import compile_pays_off, resolve_device
@@ -95,8 +95,6 @@ class JobReporter:
             log.info("job %s finished epoch %d on %s", self.job_id, epoch, WORKER_ID)
 
     def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """Record the epoch this run resumes after. Its report waits for the next training step, so a worker
-        killed in between left it only in the checkpoint: without this the history would skip it for good."""
         if self._record(epoch, metrics):
             log.info("job %s resumes after epoch %d on %s", self.job_id, epoch, WORKER_ID)
 
@@ -174,10 +172,6 @@ def _train(job: Job, settings: Settings, reporter: JobReporter) -> None:
     data = load_cache(dataset_cache(settings, job.dataset_id))
     work = job_dir(settings, job.id)
     work.mkdir(parents=True, exist_ok=True)
-    if (work / CHECKPOINT).is_file():
-        # mmap: only the history is read, not the weights and optimizer state the training loop loads again.
-        saved = torch.load(work / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
-        reporter.resumed_after(saved["epoch"], saved["history"][-1])
     result = _fit(job=job, hp=hp, data=data, settings=settings, reporter=reporter)
     if result.stopped == "cancelled":
         _hand_back(job=job, reporter=reporter, settings=settings)

@@ -72,6 +72,10 @@ class RankReporter:
         if is_main():
             self.events.put(("epoch", epoch, metrics))
 
+    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if is_main():
+            self.events.put(("resumed", epoch, metrics))
+
     def stop_requested(self) -> bool:
         return bool(self.stop.is_set())
 
@@ -117,6 +121,8 @@ def _forward(events: Any, reporter: Any) -> None:
             return
         if message[0] == "progress":
             reporter.progress(message[1])
+        elif message[0] == "resumed":
+            reporter.resumed_after(message[1], message[2])
         else:
             reporter.epoch_done(message[1], message[2])
 

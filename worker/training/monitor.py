@@ -15,7 +15,13 @@ REPORT_SECONDS = 2.0
 
 class Reporter(Protocol):
     def progress(self, progress: dict[str, Any]) -> None: ...
+
     def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None: ...
+
+    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """A resumed run starts after its checkpoint's ``epoch``. That epoch's report waited for the next training
+        step, so a worker killed in between left it only in the checkpoint: record it unless it already is."""
+
     def stop_requested(self) -> bool: ...
 
 

@@ -9,7 +9,7 @@ fitted on its validation images (the refit model has none left to fit one on).
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,16 +17,11 @@ import torch
 from shared.hyperparameters import Hyperparameters
 from worker.training.checkpoint import load_checkpoint, save_checkpoint
 from worker.training.data import TRAIN, VAL, CachedDataset
-from worker.training.engine import CHECKPOINT, FitResult, fit
+from worker.training.engine import FitResult, fit
 from worker.training.monitor import Reporter
 
 SELECTION = "selection.pt"
 REFIT_DIR = "refit"
-
-
-@runtime_checkable
-class _Resumable(Protocol):
-    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None: ...
 
 
 class _Continued:
@@ -41,6 +36,9 @@ class _Continued:
 
     def epoch_done(self, epoch: int, metrics: dict[str, Any]) -> None:
         self.reporter.epoch_done(epoch + self.offset, self.row(metrics))
+
+    def resumed_after(self, epoch: int, metrics: dict[str, Any]) -> None:
+        self.reporter.resumed_after(epoch + self.offset, self.row(metrics))
 
     def stop_requested(self) -> bool:
         return self.reporter.stop_requested()
@@ -79,10 +77,6 @@ def fit_with_refit(
     chosen = Hyperparameters.model_validate(selection["hp"])
     offset, best_epoch = len(selection["history"]), int(selection["best_epoch"])
     continued = _Continued(reporter, offset=offset, epochs=offset + best_epoch)
-    saved = load_checkpoint(work_dir / REFIT_DIR / CHECKPOINT)
-    if saved is not None and isinstance(reporter, _Resumable):
-        # As the job does for the first run: the epoch a killed worker checkpointed but never reported.
-        reporter.resumed_after(saved["epoch"] + offset, continued.row(saved["history"][-1]))
     second = fit(hp=chosen.model_copy(update={"epochs": best_epoch, "early_stopping_patience": None,
                                               "refit": "off"}),
                  splits=refit_splits(splits), work_dir=work_dir / REFIT_DIR, reporter=continued, **common)
