@@ -133,6 +133,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(request, 503, DB_UNAVAILABLE["code"], DB_UNAVAILABLE["detail"], {"Retry-After": "5"})
 
 
+class TrackedSend:
+    """``send``, remembering whether the response has started: from then on no other answer can be sent."""
+
+    def __init__(self, send: Send) -> None:
+        self.send, self.started = send, False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class InternalErrorMiddleware:
     """An exception no handler took becomes a 500 problem naming the request id, and its traceback is logged
     under that id. (Starlette's own last resort sits outside the request-id middleware and answers plain text.)"""
@@ -144,17 +155,11 @@ class InternalErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:
-            if started:  # too late for another answer: the server closes the connection
+            if tracked.started:  # too late for another answer: the server closes the connection
                 raise
             log.exception("unhandled error answering %s %s", scope.get("method"), scope.get("path"))
             body = problem(500, "internal_error", "the server failed to answer this request; the error is logged "

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate, bearer_token
-from api.errors import DB_UNAVAILABLE, PROBLEM_JSON, ApiError, problem
+from api.errors import DB_UNAVAILABLE, PROBLEM_JSON, ApiError, TrackedSend, problem
 from shared.config import get_settings
 from shared.db import get_sessionmaker
 
@@ -128,7 +128,6 @@ class GuardMiddleware:
             await _answer(secured_send, scope, 413, _too_large(limit, setting))
             return
         received = 0
-        started = False
 
         async def capped_receive() -> Message:
             nonlocal received
@@ -139,13 +138,9 @@ class GuardMiddleware:
                     raise BodyTooLarge(limit, setting)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await secured_send(message)
-
+        tracked = TrackedSend(secured_send)
         try:
-            await self.app(scope, capped_receive, tracking_send)
+            await self.app(scope, capped_receive, tracked)
         except BodyTooLarge:
-            if not started:
+            if not tracked.started:
                 await _answer(secured_send, scope, 413, _too_large(limit, setting))
