@@ -45,6 +45,8 @@ IMAGE_SIZE = 32
 # rounded another way than torchvision's would move the crop by a pixel.
 IMAGE_SIZES = [(48, 48), (80, 56), (56, 80), (50, 40), (300, 200), (97, 61)]
 PROB_TOLERANCE = 1e-4
+# Not 1: /predict, the eager reference and the exports read back must each apply it.
+TEMPERATURE = 1.7
 
 
 def randomise_batchnorm(model: nn.Module, seed: int) -> None:
@@ -62,13 +64,14 @@ def randomise_batchnorm(model: nn.Module, seed: int) -> None:
 
 
 def write_random_artifact(model_id: str) -> Path:
-    """resnet18 with the MLP head (dropout 0.5) and random BatchNorm, saved as training saves a model."""
+    """resnet18 with the MLP head (dropout 0.5) and random BatchNorm, saved as training saves a model, with a
+    fitted temperature: /predict divides the logits by it, and a user of an export reads it from its model.json."""
     torch.manual_seed(0)
     model = build_model(base_model="resnet18", num_classes=len(CLASSES), head="mlp", dropout=0.5)
     randomise_batchnorm(model, seed=1)
     meta = {"model_id": model_id, "base_model": "resnet18", "head": "mlp", "dropout": 0.5, "classes": CLASSES,
             "image_size": IMAGE_SIZE, "resize_size": resize_size_for(IMAGE_SIZE), "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD)}
+            "std": list(IMAGENET_STD), "temperature": TEMPERATURE}
     directory = model_dir(get_settings(), model_id)
     save_model_artifact(directory=directory, model=model, meta=meta)
     return directory
@@ -88,12 +91,14 @@ def reference_inputs(images: list[Image.Image]) -> torch.Tensor:
 
 
 def pytorch_probabilities(directory: Path, x: torch.Tensor) -> np.ndarray:
-    model, _ = load_model_artifact(directory=directory)
+    """The calibrated scores: the eager model's logits over the temperature in its model.json."""
+    model, meta = load_model_artifact(directory=directory)
     with torch.inference_mode():
-        return torch.softmax(model(x), dim=1).numpy()
+        return torch.softmax(model(x) / meta["temperature"], dim=1).numpy()
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    logits = logits / temperature
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
 
@@ -125,11 +130,11 @@ def test_onnx_runtime_matches_pytorch_on_torchvision_inputs_for_any_batch_size(s
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = reference_inputs(photos())
     expected = pytorch_probabilities(saved, x)
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["model.json"])
+    assert (meta["classes"], meta["temperature"]) == (CLASSES, TEMPERATURE)
     for rows in (slice(0, 1), slice(0, len(x))):
         (logits,) = session.run(["logits"], {"images": x[rows].numpy()})
-        np.testing.assert_allclose(softmax(logits), expected[rows], atol=PROB_TOLERANCE, rtol=0)
-    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(meta["model.json"])["classes"] == CLASSES
+        np.testing.assert_allclose(softmax(logits, meta["temperature"]), expected[rows], atol=PROB_TOLERANCE, rtol=0)
 
 
 def test_torchscript_matches_pytorch_on_torchvision_inputs_for_any_batch_size(saved):
@@ -138,11 +143,12 @@ def test_torchscript_matches_pytorch_on_torchvision_inputs_for_any_batch_size(sa
     scripted = torch.jit.load(str(path), _extra_files=files)
     x = reference_inputs(photos())
     expected = pytorch_probabilities(saved, x)
+    meta = json.loads(files["model.json"])
+    assert (meta["image_size"], meta["temperature"]) == (IMAGE_SIZE, TEMPERATURE)
     for rows in (slice(0, 1), slice(0, len(x))):
         with torch.inference_mode():
-            probs = torch.softmax(scripted(x[rows]), dim=1).numpy()
+            probs = torch.softmax(scripted(x[rows]) / meta["temperature"], dim=1).numpy()
         np.testing.assert_allclose(probs, expected[rows], atol=PROB_TOLERANCE, rtol=0)
-    assert json.loads(files["model.json"])["image_size"] == IMAGE_SIZE
 
 
 @pytest.fixture
