@@ -25,6 +25,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 from PIL import Image
@@ -73,13 +74,13 @@ class Service:
         wait(lambda: self.get("/healthz").status_code == 200, 90)
         time.sleep(8)  # the inference thread imports torch in the background: let the API settle
 
-    def get(self, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return httpx.get(self.url + path, headers=AUTH, timeout=60, **kwargs)
         except httpx.HTTPError:
             return httpx.Response(599)
 
-    def post(self, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.post(self.url + path, headers=AUTH, timeout=300, **kwargs)
 
     def stop(self) -> None:
@@ -140,7 +141,8 @@ def dataset_outcome(service: Service, response: httpx.Response) -> str:
     if response.status_code != 202:
         return f"{response.status_code} {response.json().get('code', '')}"
     dataset_id = response.json()["id"]
-    body = wait(lambda: (d := service.get(f"/v1/datasets/{dataset_id}").json())["status"] != "processing" and d, 600)
+    body = cast(dict[str, Any], wait(
+        lambda: (d := service.get(f"/v1/datasets/{dataset_id}").json())["status"] != "processing" and d, 600))
     return f"202, dataset {body['status']}" + (f" {body['error_code']}" if body.get("error_code") else "")
 
 

@@ -53,7 +53,7 @@ def main() -> None:
     if args.step:
         emit(args.step, f"generate {args.images} JPEGs ({args.size} px) on {os.cpu_count()} CPUs (setup)",
              args.images / generated)
-    rate, _ = bench_ingest(root / "upload.zip", root / "data")
+    rate, _ = bench_ingest(root / "upload.zip")
     print(f"generated {args.images} JPEGs ({args.size} px) in {generated:.1f} s on {os.cpu_count()} CPUs; "
           f"ingested at {rate:.0f} images/s")
     if args.step:

@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,8 @@ def init() -> None:
             version = None
         packages[req.name] = {"wants": str(req.specifier), "has": version,
                               "ok": version is not None and req.specifier.contains(version, prereleases=True)}
-    versions = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
-                "cpus": os.cpu_count()}
+    versions: dict[str, Any] = {"python": sys.version.split()[0], "executable": sys.executable,
+                                "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         import torch
         import torchvision
@@ -132,4 +133,5 @@ def table() -> None:
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["table"]
-    {"init": init, "step": step, "table": table}[command](*rest)
+    commands: dict[str, Callable[..., None]] = {"init": init, "step": step, "table": table}
+    commands[command](*rest)

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -67,7 +68,7 @@ def main() -> None:
     rows: dict[str, float] = {}
     target = {"target": 10000} if device.type == "cuda" and args.image_size == 224 and args.batch_size == 256 else {}
 
-    def add(label: str, rate: float, **extra: object) -> None:
+    def add(label: str, rate: float, **extra: Any) -> None:
         rows[label] = rate
         if args.step:
             emit(args.step, f"raw inference {label}, batch {args.batch_size}", rate, **extra)
@@ -81,7 +82,7 @@ def main() -> None:
                                                                       seconds=args.seconds, warmup=3), **target)
     if "compiled" in only:
         started = time.perf_counter()
-        compiled = torch.compile(fast)
+        compiled = cast(torch.nn.Module, torch.compile(fast))
         rate = images_per_second(compiled, fast_batch, dtype=dtype, seconds=args.seconds, warmup=3)
         add(f"ours: {dtype}, channels_last, compiled", rate, wall=round(time.perf_counter() - started, 1), **target)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"

@@ -76,6 +76,7 @@ def bench_ingest(archive: Path) -> tuple[float, str]:
     seconds = time.perf_counter() - started
     with session_scope() as session:
         row = session.get(Dataset, dataset_id)
+        assert row is not None
         if row.status != "ready":
             raise SystemExit(f"ingestion failed: {row.error}")
         return row.num_images / seconds, dataset_id
@@ -148,6 +149,7 @@ def bench_ours(cache: Path, *, batch: int, image_size: int, batches: int, device
                 started, seen = time.perf_counter(), 0
             if seen >= batches:
                 break
+    assert started is not None, "no batch was read"
     return batches * batch / (time.perf_counter() - started)
 
 
@@ -173,6 +175,7 @@ def bench_naive(folder: Path, *, batch: int, image_size: int, batches: int, devi
                 started, seen = time.perf_counter(), 0
             if seen >= batches:
                 break
+    assert started is not None, "no batch was read"
     return batches * batch / (time.perf_counter() - started)
 
 

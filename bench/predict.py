@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -166,7 +167,7 @@ def run_level(url: str, bodies: list[bytes], concurrency: int, seconds: float) -
     return latencies, errors[0], time.monotonic() - start
 
 
-def measure(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
+def measure(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     images_before, passes_before = batch_totals(url)
     latencies, errors, elapsed = run_level(url, bodies, concurrency, seconds)
     images_after, passes_after = batch_totals(url)
@@ -228,9 +229,10 @@ def main() -> int:
                       f"p99 {row['p99']:7.1f} ms  mean batch {row['batch']:.1f}", flush=True)
                 if args.step:
                     headline = mode == list(modes)[-1] and args.device == "cuda"
+                    target: dict[str, Any] = {"target": 3000} if headline else {}
                     emit(args.step, f"/predict HTTP c={concurrency}, {mode}", row["rps"],
                          p50_ms=round(row["p50"], 1), p99_ms=round(row["p99"], 1), errors=row["errors"],
-                         mean_batch=round(row["batch"], 1), **({"target": 3000} if headline else {}))
+                         mean_batch=round(row["batch"], 1), **target)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

@@ -95,7 +95,7 @@ def build_cache(files: list[tuple[Path, int]], cache: Path, side: int) -> None:
     write_json(cache / "index.json", {"classes": sorted(PALETTE), "cache_size": side})
 
 
-def naive(files: list[tuple[Path, int]], splits: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+def naive(files: list[tuple[Path, int]], splits: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     """The classic recipe as usually written: decode + resize every JPEG every epoch, fp32, NCHW."""
     from PIL import Image
     from torchvision import transforms
@@ -148,7 +148,7 @@ def naive(files: list[tuple[Path, int]], splits: np.ndarray, args: argparse.Name
 
 
 def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, features_dir: Path | None = None,
-         compile_model: bool = False, label: str = "", **overrides: Any) -> dict[str, float]:
+         compile_model: bool = False, label: str = "", **overrides: Any) -> dict[str, Any]:
     hp = Hyperparameters(base_model=args.base_model, weights="none", epochs=args.epochs, image_size=args.image_size,
                          batch_size=args.batch_size or "auto", **overrides)
     started = time.perf_counter()
@@ -164,7 +164,7 @@ def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, fe
             "precision": result.hp.mixed_precision}
 
 
-def floor(train_count: int, args: argparse.Namespace, steps: int = 8) -> dict[str, float]:
+def floor(train_count: int, args: argparse.Namespace, steps: int = 8) -> dict[str, Any]:
     """The bare training step of the hyperparameters (b) resolves to, on one random batch already on the device:
     forward, backward, optimizer, EMA. Two warm-up steps, then ``steps`` timed."""
     device = torch.device(args.device)
@@ -300,7 +300,7 @@ def main() -> None:
             add("(b') ours, fp32 (mixed_precision off)", ours(data, splits, root / "b1", args,
                                                               mixed_precision="off"))
             add("(b'') ours, NCHW (channels_last off)", ours(data, splits, root / "b2", args, channels_last=False))
-        probe = {"freeze": "backbone", "augment": "none", "head": "linear", "learning_rate": 1e-2}
+        probe: dict[str, Any] = {"freeze": "backbone", "augment": "none", "head": "linear", "learning_rate": 1e-2}
         if "probe" in only:
             add("(c) linear probe, features computed (cold)", ours(data, splits, root / "c1", args,
                                                                    root / "features", **probe))
