@@ -42,7 +42,7 @@ from worker.images import decode_image  # noqa: E402
 from worker.training.auto import batch_size_of, resolve  # noqa: E402
 from worker.training.averaging import WeightEma, ema_decay  # noqa: E402
 from worker.training.data import TEST, TRAIN, load_cache, make_splits  # noqa: E402
-from worker.training.engine import fit  # noqa: E402
+from worker.training.engine import apply_gradients, fit  # noqa: E402
 from worker.training.optim import amp_dtype, build_optimizer  # noqa: E402
 
 
@@ -166,7 +166,8 @@ def ours(data: Any, splits: np.ndarray, work: Path, args: argparse.Namespace, fe
 
 def floor(train_count: int, args: argparse.Namespace, steps: int = 8) -> dict[str, Any]:
     """The bare training step of the hyperparameters (b) resolves to, on one random batch already on the device:
-    forward, backward, optimizer, EMA. Two warm-up steps, then ``steps`` timed."""
+    forward, then the engine's own ``apply_gradients`` (backward, optimizer, EMA). Two warm-up steps, then ``steps``
+    timed."""
     device = torch.device(args.device)
     hp = resolve(Hyperparameters(base_model=args.base_model, weights="none", epochs=args.epochs,
                                  image_size=args.image_size, batch_size=args.batch_size or "auto"),
@@ -191,12 +192,7 @@ def floor(train_count: int, args: argparse.Namespace, steps: int = 8) -> dict[st
             started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update()
+        apply_gradients(loss=loss, optimizer=optimizer, scaler=scaler, ema=ema)
     loss.item()
     wall = time.perf_counter() - started
     return {"images_per_second": steps * batch / wall, "wall": wall, "accuracy": float("nan"), "batch": batch,

@@ -92,6 +92,17 @@ def _mix(images: torch.Tensor, labels: torch.Tensor, hp: Hyperparameters, genera
     return images, labels[perm], lam
 
 
+def apply_gradients(*, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    ema: WeightEma | None) -> None:
+    """One optimizer step from ``loss`` (scaled when fp16 needs it), then the weight average follows."""
+    optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(scaler.scale(loss))
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        ema.update()
+
+
 def train_one_epoch(
     *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     criterion: nn.Module, data: CachedDataset, indices: np.ndarray, hp: Hyperparameters, device: torch.device,
@@ -128,13 +139,8 @@ def train_one_epoch(
                 else:
                     logits = model(images)
                     loss = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            apply_gradients(loss=loss, optimizer=optimizer, scaler=scaler, ema=ema)
             scheduler.step()
-            if ema is not None:
-                ema.update()
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.shape[0]
